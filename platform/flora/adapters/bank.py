@@ -1,0 +1,145 @@
+"""Fixed-shape adapter storage for one linear layer: ``max_slots`` adapters of any kind.
+
+Shapes never change after construction (vLLM's ``lora/`` idea): ``load(slot, weights)`` writes
+into preallocated stacked tensors, ``evict(slot)`` resets them, so compiled graphs stay valid.
+Every table has one extra leading entry: tables are indexed by ``slot + 1``, so slot ``-1``
+("no adapter") picks entry 0, the identity for its kind. Empty slots hold the identity too, so a token whose adapter does not target this layer
+gets the base layer without any masking.
+
+Tables (``S = max_slots``, ``R = max_rank``):
+    flora_A [S+1, R, in]   flora_Bt [S+1, R, out]  (holds Bᵀ / r; zero past the slot's rank)
+    lora_A  [S+1, R, in]   lora_Bt  [S+1, R, out]  (holds scale · Bᵀ; zero past the rank)
+    ia3_in  [S+1, in]      ia3_out  [S+1, out]     (ones where unused)
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from flora.adapters.errors import InvalidAdapterError, SlotError
+from flora.adapters.weights import AdapterKind, AdapterWeights, FloraWeights, LoraWeights
+
+
+class BankConfig(BaseModel):
+    """How many adapters one layer can hold at once, and of which kinds and ranks."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_slots: int = Field(32, ge=1, le=65536, description="Adapters resident at once.")
+    max_rank: int = Field(16, ge=1, le=1024, description="Largest FLoRA/LoRA rank a slot holds.")
+    kinds: frozenset[AdapterKind] = Field(
+        frozenset(AdapterKind), description="Adapter kinds this bank allocates tables for."
+    )
+
+
+class AdapterBank(nn.Module):
+    """Stacked per-slot adapter tables for one ``[out, in]`` linear layer."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: BankConfig | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config = config or BankConfig()
+        self.in_features, self.out_features = in_features, out_features
+        entries, rank = config.max_slots + 1, config.max_rank
+        kw = {"dtype": dtype, "device": device}
+        if AdapterKind.FLORA in config.kinds:
+            self.register_buffer("flora_A", torch.zeros(entries, rank, in_features, **kw))
+            self.register_buffer("flora_Bt", torch.zeros(entries, rank, out_features, **kw))
+        if AdapterKind.LORA in config.kinds:
+            self.register_buffer("lora_A", torch.zeros(entries, rank, in_features, **kw))
+            self.register_buffer("lora_Bt", torch.zeros(entries, rank, out_features, **kw))
+        if AdapterKind.IA3 in config.kinds:
+            self.register_buffer("ia3_in", torch.ones(entries, in_features, **kw))
+            self.register_buffer("ia3_out", torch.ones(entries, out_features, **kw))
+        # Host-side slot table: the dispatcher reads it without touching the device.
+        self.kinds: list[AdapterKind | None] = [None] * config.max_slots
+        self.ranks: list[int] = [0] * config.max_slots
+        self.versions: list[int] = [0] * config.max_slots
+        self.feedforward: list[bool] = [False] * config.max_slots
+        for slot in range(-1, config.max_slots):
+            self._reset(slot)
+
+    @property
+    def max_slots(self) -> int:
+        return self.config.max_slots
+
+    def check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_slots:
+            raise SlotError(f"slot {slot} is out of range [0, {self.max_slots})")
+
+    @torch.no_grad()
+    def _reset(self, slot: int) -> None:
+        slot += 1  # table entry
+        if AdapterKind.FLORA in self.config.kinds:
+            self.flora_A[slot].zero_()
+            self.flora_A[slot, 0] = 1.0
+            self.flora_Bt[slot].zero_()
+            self.flora_Bt[slot, 0] = 1.0
+        if AdapterKind.LORA in self.config.kinds:
+            self.lora_A[slot].zero_()
+            self.lora_Bt[slot].zero_()
+        if AdapterKind.IA3 in self.config.kinds:
+            self.ia3_in[slot].fill_(1.0)
+            self.ia3_out[slot].fill_(1.0)
+
+    @torch.no_grad()
+    def load(self, slot: int, weights: AdapterWeights) -> None:
+        """Write an adapter into ``slot``, replacing whatever was there.
+
+        Raises :class:`InvalidAdapterError` (nothing is written) for wrong shapes, a rank above
+        ``max_rank``, non-finite values or a kind this bank has no tables for.
+        """
+        self.check_slot(slot)
+        if weights.kind not in self.config.kinds:
+            raise InvalidAdapterError(f"this bank holds no {weights.kind} adapters")
+        weights.validate(self.in_features, self.out_features)
+        if weights.rank > self.config.max_rank:
+            raise InvalidAdapterError(
+                f"rank {weights.rank} exceeds this bank's max_rank {self.config.max_rank}"
+            )
+        self._reset(slot)
+        r, entry = weights.rank, slot + 1
+        if isinstance(weights, FloraWeights):
+            self.flora_A[entry, :r] = weights.A
+            self.flora_Bt[entry, :r] = weights.B.T.double() / r  # fold the mean over rank
+        elif isinstance(weights, LoraWeights):
+            self.lora_A[entry, :r] = weights.A
+            self.lora_Bt[entry, :r] = weights.B.T.double() * weights.scale  # fold PEFT's scale
+        elif weights.feedforward:
+            self.ia3_in[entry] = weights.scale
+        else:
+            self.ia3_out[entry] = weights.scale
+        self.kinds[slot] = weights.kind
+        self.ranks[slot] = r
+        self.feedforward[slot] = getattr(weights, "feedforward", False)
+        self.versions[slot] += 1
+
+    def evict(self, slot: int) -> None:
+        """Empty ``slot``: tokens pointing at it get the base layer from now on."""
+        self.check_slot(slot)
+        self._reset(slot)
+        self.kinds[slot] = None
+        self.ranks[slot] = 0
+        self.feedforward[slot] = False
+        self.versions[slot] += 1
+
+    def group_by_kind(self, slots: tuple[int, ...]) -> dict[AdapterKind | None, tuple[int, ...]]:
+        """Split a batch's distinct slots by the kind loaded here (``None``: base layer)."""
+        groups: dict[AdapterKind | None, list[int]] = {}
+        for slot in slots:
+            kind = self.kinds[slot] if slot >= 0 else None
+            groups.setdefault(kind, []).append(slot)
+        return {kind: tuple(members) for kind, members in groups.items()}
+
+    def max_rank_of(self, slots: tuple[int, ...]) -> int:
+        """Largest rank among ``slots`` (1 when none is adapted: the identity entry)."""
+        return max((self.ranks[s] for s in slots if s >= 0), default=1) or 1

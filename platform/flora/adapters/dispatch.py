@@ -1,0 +1,146 @@
+"""Pick the cheapest correct path per layer and batch from a calibrated cost model.
+
+Every path computes the same function, so the choice is purely about time. Each candidate's
+cost is written in the calibrated units of :mod:`flora.adapters.calibration`: base-GEMM time as
+a function of rows, seconds per op, element-wise bandwidth and thin-matmul throughput.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flora.adapters.calibration import DEFAULT_CALIBRATION, Calibration, DeviceProfile, GemmCurve
+from flora.adapters.weights import AdapterKind
+
+
+class Path(enum.StrEnum):
+    """The batched implementations a layer can run."""
+
+    BASE = "base"
+    FLORA_VECTORISED = "flora_vectorised"
+    FLORA_SEGMENTED = "flora_segmented"
+    LORA_GATHER = "lora_gather"
+    LORA_SEGMENTED = "lora_segmented"
+    LORA_STACKED = "lora_stacked"
+    LORA_BMM = "lora_bmm"
+    IA3 = "ia3"
+
+
+PATHS_BY_KIND: dict[AdapterKind, tuple[Path, ...]] = {
+    AdapterKind.FLORA: (Path.FLORA_VECTORISED, Path.FLORA_SEGMENTED),
+    AdapterKind.LORA: (Path.LORA_GATHER, Path.LORA_SEGMENTED, Path.LORA_STACKED, Path.LORA_BMM),
+    AdapterKind.IA3: (Path.IA3,),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one kind's tokens in one layer look like, as the cost model sees them."""
+
+    in_features: int
+    out_features: int
+    counts: tuple[int, ...]  # tokens per distinct slot (the no-adapter slot included)
+    ranks: tuple[int, ...]  # rank per distinct slot (0 for no-adapter)
+    runs: int  # contiguous same-slot runs (examples, for the bmm baseline)
+    longest_run: int
+    cached: tuple[bool, ...]  # per slot: a materialised W ∘ M_i is already cached
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks, default=1) or 1
+
+    @property
+    def adapters(self) -> int:
+        return sum(1 for r in self.ranks if r > 0)
+
+
+class CostModel:
+    """Seconds each path should take for a workload on one device and dtype."""
+
+    def __init__(self, profile: DeviceProfile, gemm: GemmCurve, element_size: int) -> None:
+        self.p, self.gemm, self.esize = profile, gemm, element_size
+
+    def _ew(self, elements: float, ops: int = 1) -> float:
+        return ops * self.p.op_seconds + elements * self.esize / self.p.bytes_per_second
+
+    def _thin(self, flops: float, ops: int = 1) -> float:
+        return ops * self.p.op_seconds + flops / self.p.thin_flops_per_second
+
+    def cost(self, path: Path, w: Workload) -> float:
+        k, d, t, r = w.in_features, w.out_features, w.tokens, w.max_rank
+        base = self.gemm(t)
+        if path is Path.BASE:
+            return base
+        if path is Path.IA3:
+            return base + self._ew(3 * t * (k + d), ops=4)
+        if path is Path.FLORA_VECTORISED:
+            return self.gemm(t * r) + self._ew(t * r * (3 * k + 4 * d), ops=6 if r > 1 else 5)
+        if path is Path.FLORA_SEGMENTED:
+            weight_read = d * k * self.esize / self.p.bytes_per_second
+            total = self._ew(2 * t * (k + d), ops=3)
+            for count, rank, hit in zip(w.counts, w.ranks, w.cached, strict=True):
+                total += self.gemm(count) + (weight_read if rank else 0.0)
+                if rank and not hit:
+                    total += self._thin(2 * d * k * rank) + self._ew(3 * d * k)
+            return total
+        if path is Path.LORA_GATHER:
+            return base + self._ew(3 * t * r * (k + d), ops=6) + self._thin(2 * t * r * (k + d))
+        if path is Path.LORA_SEGMENTED:
+            n = w.adapters
+            return (
+                base
+                + self._ew(t * k + 2 * t * d, ops=3)
+                + sum(self._thin(2 * c * rr * (k + d), ops=2) for c, rr in
+                      zip(w.counts, w.ranks, strict=True) if rr)
+                + self._ew(n * r * (k + d))
+            )
+        if path is Path.LORA_STACKED:
+            nr = w.adapters * r
+            return (
+                base
+                + self._thin(2 * t * nr * (k + d), ops=2)
+                + self._ew(nr * (k + d) + 3 * t * nr, ops=6)
+            )
+        if path is Path.LORA_BMM:
+            padded = w.runs * w.longest_run
+            return (
+                base
+                + self._ew(padded * (k + 2 * d) + w.runs * r * (k + d) + t * d, ops=9)
+                + self._thin(2 * padded * r * (k + d))
+            )
+        raise ValueError(f"no cost for path {path}")
+
+
+class Dispatcher:
+    """Chooses a path per (layer, kind, batch); profiles come from a shared calibration."""
+
+    def __init__(self, calibration: Calibration | None = None) -> None:
+        self.calibration = calibration or DEFAULT_CALIBRATION
+
+    def cost_model(self, in_features: int, out_features: int, device: torch.device,
+                   dtype: torch.dtype) -> CostModel:
+        profile = self.calibration.profile(device, dtype)
+        gemm = self.calibration.gemm(in_features, out_features, device, dtype)
+        return CostModel(profile, gemm, torch.empty((), dtype=dtype).element_size())
+
+    def choose(
+        self,
+        kind: AdapterKind,
+        workload: Workload,
+        device: torch.device,
+        dtype: torch.dtype,
+        allowed: Sequence[Path] | None = None,
+    ) -> Path:
+        candidates = tuple(allowed) if allowed else PATHS_BY_KIND[kind]
+        if len(candidates) == 1:
+            return candidates[0]
+        model = self.cost_model(workload.in_features, workload.out_features, device, dtype)
+        return min(candidates, key=lambda path: model.cost(path, workload))
