@@ -38,22 +38,29 @@ def rand(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0
 
 
 def random_flora(gen, rank: int, k: int, d: int) -> FloraWeights:
-    return FloraWeights(A=rand(gen, rank, k, scale=0.3, shift=1.0),
-                        B=rand(gen, d, rank, scale=0.3, shift=1.0))
+    return FloraWeights(
+        A=rand(gen, rank, k, scale=0.3, shift=1.0), B=rand(gen, d, rank, scale=0.3, shift=1.0)
+    )
 
 
 def random_lora(gen, rank: int, k: int, d: int, rslora: bool = False) -> LoraWeights:
-    return LoraWeights(A=rand(gen, rank, k, scale=k**-0.5), B=rand(gen, d, rank),
-                       alpha=2.0 * rank, use_rslora=rslora)
+    return LoraWeights(
+        A=rand(gen, rank, k, scale=k**-0.5),
+        B=rand(gen, d, rank),
+        alpha=2.0 * rank,
+        use_rslora=rslora,
+    )
 
 
 def random_ia3(gen, k: int, d: int, feedforward: bool) -> IA3Weights:
-    return IA3Weights(scale=rand(gen, k if feedforward else d, scale=0.3, shift=1.0),
-                      feedforward=feedforward)
+    return IA3Weights(
+        scale=rand(gen, k if feedforward else d, scale=0.3, shift=1.0), feedforward=feedforward
+    )
 
 
-def make_layer(gen, k: int, d: int, dtype: torch.dtype, config: BankConfig | None = None,
-               **kwargs) -> AdaptedLinear:
+def make_layer(
+    gen, k: int, d: int, dtype: torch.dtype, config: BankConfig | None = None, **kwargs
+) -> AdaptedLinear:
     base = nn.Linear(k, d, dtype=dtype)
     with torch.no_grad():
         base.weight.copy_(rand(gen, d, k, scale=k**-0.5))
@@ -66,8 +73,12 @@ def rounded(adapter, dtype: torch.dtype):
     if isinstance(adapter, IA3Weights):
         return IA3Weights(scale=adapter.scale.to(dtype), feedforward=adapter.feedforward)
     if isinstance(adapter, LoraWeights):
-        return LoraWeights(A=adapter.A.to(dtype), B=adapter.B.to(dtype), alpha=adapter.alpha,
-                           use_rslora=adapter.use_rslora)
+        return LoraWeights(
+            A=adapter.A.to(dtype),
+            B=adapter.B.to(dtype),
+            alpha=adapter.alpha,
+            use_rslora=adapter.use_rslora,
+        )
     return FloraWeights(A=adapter.A.to(dtype), B=adapter.B.to(dtype))
 
 

@@ -58,8 +58,11 @@ def run_case(gen, kind, path, dtype, ranks, pattern):
     adapters = {}
     for slot in range(SLOTS):
         r = ranks[slot % len(ranks)]
-        adapters[slot] = random_flora(gen, r, K, D) if kind is AdapterKind.FLORA else \
-            random_lora(gen, r, K, D, rslora=slot % 2 == 1)
+        adapters[slot] = (
+            random_flora(gen, r, K, D)
+            if kind is AdapterKind.FLORA
+            else random_lora(gen, r, K, D, rslora=slot % 2 == 1)
+        )
         layer.load_adapter(slot, adapters[slot])
     slots = token_slots(pattern, gen)
     x = rand(gen, T, K).to(dtype)
@@ -105,7 +108,11 @@ def test_leading_dims_are_flattened(gen):
     slots = [3, 3, -1, 3, -1] * 2
     with torch.no_grad():
         y = layer(x, AdapterBatch.from_slots(slots))
-    ref = reference_forward(x.view(10, K), layer.base.weight, layer.base.bias,
-                            [adapter if s == 3 else None for s in slots])
+    ref = reference_forward(
+        x.view(10, K),
+        layer.base.weight,
+        layer.base.bias,
+        [adapter if s == 3 else None for s in slots],
+    )
     assert y.shape == (2, 5, D)
     assert_matches(y.view(10, D), ref, torch.float32)

@@ -3,8 +3,8 @@
 Shapes never change after construction (vLLM's ``lora/`` idea): ``load(slot, weights)`` writes
 into preallocated stacked tensors, ``evict(slot)`` resets them, so compiled graphs stay valid.
 Every table has one extra leading entry: tables are indexed by ``slot + 1``, so slot ``-1``
-("no adapter") picks entry 0, the identity for its kind. Empty slots hold the identity too, so a token whose adapter does not target this layer
-gets the base layer without any masking.
+("no adapter") picks entry 0, the identity for its kind. Empty slots hold the identity too,
+so a token whose adapter does not target this layer gets the base layer without any masking.
 
 Tables (``S = max_slots``, ``R = max_rank``):
     flora_A [S+1, R, in]   flora_Bt [S+1, R, out]  (holds Bᵀ / r; zero past the slot's rank)

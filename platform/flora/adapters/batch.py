@@ -64,8 +64,9 @@ class AdapterBatch:
             raise SlotError(f"slot {low} is invalid: use -1 for 'no adapter'")
         if max_slots is not None and high >= max_slots:
             raise SlotError(f"slot {high} is out of range for a bank of {max_slots} slots")
-        distinct, local, counts = torch.unique(idx, sorted=True, return_inverse=True,
-                                               return_counts=True)
+        distinct, local, counts = torch.unique(
+            idx, sorted=True, return_inverse=True, return_counts=True
+        )
         order = torch.argsort(idx, stable=True)
         return cls(
             token_slots=idx,

@@ -79,7 +79,7 @@ class DeviceProfile:
 
 
 class GemmCurve:
-    """Seconds for ``F.linear`` on ``[m, in] × [out, in]``, measured at a few ``m`` and interpolated."""
+    """Seconds of ``F.linear`` on ``[m, in] × [out, in]``, measured at a few ``m``."""
 
     def __init__(self, rows: tuple[int, ...], seconds: tuple[float, ...]) -> None:
         self.rows, self.seconds = rows, seconds
@@ -136,8 +136,9 @@ class Calibration:
             self._profiles[key] = found
             return found
 
-    def gemm(self, in_features: int, out_features: int, device: torch.device,
-             dtype: torch.dtype) -> GemmCurve:
+    def gemm(
+        self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype
+    ) -> GemmCurve:
         key = (self._device_key(device), str(dtype), in_features, out_features)
         with self._lock:
             curve = self._curves.get(key)

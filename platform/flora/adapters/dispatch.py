@@ -98,8 +98,11 @@ class CostModel:
             return (
                 base
                 + self._ew(t * k + 2 * t * d, ops=3)
-                + sum(self._thin(2 * c * rr * (k + d), ops=2) for c, rr in
-                      zip(w.counts, w.ranks, strict=True) if rr)
+                + sum(
+                    self._thin(2 * c * rr * (k + d), ops=2)
+                    for c, rr in zip(w.counts, w.ranks, strict=True)
+                    if rr
+                )
                 + self._ew(n * r * (k + d))
             )
         if path is Path.LORA_STACKED:
@@ -125,8 +128,9 @@ class Dispatcher:
     def __init__(self, calibration: Calibration | None = None) -> None:
         self.calibration = calibration or DEFAULT_CALIBRATION
 
-    def cost_model(self, in_features: int, out_features: int, device: torch.device,
-                   dtype: torch.dtype) -> CostModel:
+    def cost_model(
+        self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype
+    ) -> CostModel:
         profile = self.calibration.profile(device, dtype)
         gemm = self.calibration.gemm(in_features, out_features, device, dtype)
         return CostModel(profile, gemm, torch.empty((), dtype=dtype).element_size())

@@ -26,7 +26,8 @@ def flora_vectorised(
     """``y[t] = Σ_j Bt[s_t, j] ∘ ((A[s_t, j] ∘ x[t]) Wᵀ) + β`` without ever building ``W_i``.
 
     Shapes: ``x [T, in]``, ``weight [out, in]``, ``A [S+1, R, in]``, ``Bt [S+1, R, out]`` with
-    ``1/r`` folded in; ``entries [T]`` = slot + 1 (entry 0, slot ``-1``, is the identity: the base layer);
+    ``1/r`` folded in; ``entries [T]`` = slot + 1 (entry 0, slot ``-1``, is the identity, i.e.
+    the base layer);
     ``rank`` ≤ R is the largest rank present, so padded ranks beyond it cost nothing.
     """
     in_place = not _needs_grad(x, weight, bias, A, Bt)

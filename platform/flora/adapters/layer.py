@@ -105,8 +105,9 @@ class AdaptedLinear(nn.Module):
         return {kind: self._choose(kind, batch.subset(groups[kind])[1]) for kind in kinds}
 
     def _ranks(self, kind: AdapterKind) -> list[int]:
-        return [r if k is kind else 0 for k, r in zip(self.bank.kinds, self.bank.ranks,
-                                                     strict=True)]
+        return [
+            r if k is kind else 0 for k, r in zip(self.bank.kinds, self.bank.ranks, strict=True)
+        ]
 
     def _workload(self, kind: AdapterKind, batch: AdapterBatch) -> Workload:
         ranks = self._ranks(kind)
@@ -134,8 +135,9 @@ class AdaptedLinear(nn.Module):
     def _materialised(self, slot: int) -> torch.Tensor:
         bank, w = self.bank, self.base.weight
         make = lambda: materialise_flora(w, bank.flora_A, bank.flora_Bt, slot, bank.ranks[slot])  # noqa: E731
-        if self.cache is None or (torch.is_grad_enabled() and (w.requires_grad or
-                                                               bank.flora_A.requires_grad)):
+        if self.cache is None or (
+            torch.is_grad_enabled() and (w.requires_grad or bank.flora_A.requires_grad)
+        ):
             return make()
         return self.cache.get_or_make((id(self), slot, bank.versions[slot]), make)
 
@@ -151,8 +153,9 @@ class AdaptedLinear(nn.Module):
         if path is Path.FLORA_VECTORISED:
             return flora_vectorised(x, w, b, bank.flora_A, bank.flora_Bt, idx, rank)
         if path is Path.FLORA_SEGMENTED:
-            return flora_segmented(x, w, b, bank.flora_A, bank.flora_Bt, ranks, batch,
-                                   self._materialised)
+            return flora_segmented(
+                x, w, b, bank.flora_A, bank.flora_Bt, ranks, batch, self._materialised
+            )
         if path is Path.LORA_GATHER:
             return lora_gather(x, w, b, bank.lora_A, bank.lora_Bt, idx, rank)
         if path is Path.LORA_SEGMENTED:
@@ -164,7 +167,12 @@ class AdaptedLinear(nn.Module):
             return lora_bmm(x, w, b, bank.lora_A, bank.lora_Bt, batch, rank)
         present = [s for s in batch.slots if s != NO_ADAPTER and bank.kinds[s] is kind]
         return ia3_forward(
-            x, w, b, bank.ia3_in, bank.ia3_out, idx,
+            x,
+            w,
+            b,
+            bank.ia3_in,
+            bank.ia3_out,
+            idx,
             scales_input=any(bank.feedforward[s] for s in present),
             scales_output=not all(bank.feedforward[s] for s in present),
         )

@@ -1,8 +1,8 @@
 """LoRA with PEFT's semantics, ``y = x Wᵀ + β + scale · (x Aᵀ) Bᵀ``, four batched paths.
 
 Tables: ``A [S+1, R, in]`` and ``Bt [S+1, R, out]`` holding ``scale · Bᵀ`` (zero-padded past a
-slot's rank), indexed by ``slot + 1``; entry 0, for slot ``-1``, is all zeros. Every path adds the same delta to
-one base GEMM; they differ only in how they batch the two thin products:
+slot's rank), indexed by ``slot + 1``; entry 0, for slot ``-1``, is all zeros. Every path
+adds the same delta to one base GEMM; they differ only in how they batch the two thin products:
 
 - ``lora_gather``: per-token gather of each token's A and B (BGMV, as Punica/vLLM decode).
 - ``lora_segmented``: tokens grouped by adapter, two small matmuls per group (SGMV-like).
@@ -61,8 +61,9 @@ def lora_segmented(
         r = ranks[slot] if start >= skip else 0
         if r == 0:  # no adapter, or a slot of another kind / not targeting this layer
             continue
+        seg, entry = xs[start : start + count], slot + 1
         rows.append(batch.order[start : start + count])
-        deltas.append((xs[start : start + count] @ A[slot + 1, :r].T) @ Bt[slot + 1, :r])  # [n_s, out]
+        deltas.append((seg @ A[entry, :r].T) @ Bt[entry, :r])  # [n_s, out]
     if not deltas:
         return y
     if len(deltas) == 1:

@@ -37,8 +37,9 @@ def reference_forward(
             rows.append(xt @ W.T + beta)
         elif isinstance(adapter, IA3Weights):
             scale = adapter.scale.double()
-            rows.append((xt * scale) @ W.T + beta if adapter.feedforward
-                        else (xt @ W.T + beta) * scale)
+            rows.append(
+                (xt * scale) @ W.T + beta if adapter.feedforward else (xt @ W.T + beta) * scale
+            )
         else:
             rows.append(xt @ adapted_weight(W, adapter).T + beta)
     return torch.stack(rows)
