@@ -3,12 +3,18 @@
 Every path computes the same function, so the choice is purely about time. Each candidate's
 cost is written in the calibrated units of :mod:`flora.adapters.calibration`: base-GEMM time as
 a function of rows, seconds per op, element-wise bandwidth and thin-matmul throughput.
+
+Where the model cannot separate the leaders (predictions within ``tune_margin`` of the best),
+the dispatcher times them once on the real inputs and remembers the winner for that workload
+bucket (token and adapter counts rounded to powers of two, rank, cache state): the model
+prunes, a short measurement decides, and every later batch in the bucket pays nothing.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +66,23 @@ class Workload:
     @property
     def adapters(self) -> int:
         return sum(1 for r in self.ranks if r > 0)
+
+    def bucket(self) -> tuple:
+        """Workloads that share a bucket share a tuned path."""
+        cached = sum(self.cached)
+        return (
+            self.in_features,
+            self.out_features,
+            _pow2(self.tokens),
+            _pow2(self.adapters),
+            self.max_rank,
+            _pow2(self.runs),
+            0 if cached == 0 else 2 if cached == len(self.cached) else 1,
+        )
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 class CostModel:
@@ -123,17 +146,38 @@ class CostModel:
 
 
 class Dispatcher:
-    """Chooses a path per (layer, kind, batch); profiles come from a shared calibration."""
+    """Chooses a path per (layer, kind, batch); profiles come from a shared calibration.
 
-    def __init__(self, calibration: Calibration | None = None) -> None:
+    Decisions are memoised per workload bucket, so a steady stream of similar batches pays one
+    dictionary lookup per layer.
+
+    ``tune_margin`` ≤ 1 turns the measured tie-break off (pure cost model).
+    """
+
+    def __init__(
+        self,
+        calibration: Calibration | None = None,
+        *,
+        tune_margin: float = 1.6,
+        tune_repeats: int = 3,
+    ) -> None:
         self.calibration = calibration or DEFAULT_CALIBRATION
+        self.tune_margin, self.tune_repeats = tune_margin, tune_repeats
+        self._models: dict[tuple, CostModel] = {}
+        self._decided: dict[tuple, Path] = {}
+        self._lock = threading.Lock()
 
     def cost_model(
         self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype
     ) -> CostModel:
-        profile = self.calibration.profile(device, dtype)
-        gemm = self.calibration.gemm(in_features, out_features, device, dtype)
-        return CostModel(profile, gemm, torch.empty((), dtype=dtype).element_size())
+        key = (in_features, out_features, device, dtype)
+        model = self._models.get(key)
+        if model is None:
+            profile = self.calibration.profile(device, dtype)
+            gemm = self.calibration.gemm(in_features, out_features, device, dtype)
+            model = CostModel(profile, gemm, torch.empty((), dtype=dtype).element_size())
+            self._models[key] = model
+        return model
 
     def choose(
         self,
@@ -141,10 +185,30 @@ class Dispatcher:
         workload: Workload,
         device: torch.device,
         dtype: torch.dtype,
-        allowed: Sequence[Path] | None = None,
+        measure: Callable[[Path], float] | None = None,
     ) -> Path:
-        candidates = tuple(allowed) if allowed else PATHS_BY_KIND[kind]
+        """The predicted-cheapest path; ``measure(path)`` (seconds) settles close calls."""
+        candidates = PATHS_BY_KIND[kind]
         if len(candidates) == 1:
             return candidates[0]
+        key = (kind, device, dtype, workload.bucket())
+        decided = self._decided.get(key)
+        if decided is not None:
+            return decided
         model = self.cost_model(workload.in_features, workload.out_features, device, dtype)
-        return min(candidates, key=lambda path: model.cost(path, workload))
+        predicted = sorted((model.cost(path, workload), path) for path in candidates)
+        close = [path for cost, path in predicted if cost <= self.tune_margin * predicted[0][0]]
+        if len(close) == 1:
+            with self._lock:
+                self._decided[key] = close[0]
+            return close[0]
+        if measure is None:  # e.g. training: no side runs; decide on the model alone
+            return predicted[0][1]
+        timings = dict.fromkeys(close, float("inf"))
+        for _ in range(self.tune_repeats):  # interleaved, best of n: robust to drift
+            for path in close:
+                timings[path] = min(timings[path], measure(path))
+        winner = min(close, key=timings.__getitem__)
+        with self._lock:
+            self._decided[key] = winner
+        return winner

@@ -7,6 +7,7 @@ dispatcher for the cheapest path per kind, and puts the rows back in token order
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import torch
@@ -104,14 +105,13 @@ class AdaptedLinear(nn.Module):
             return {kinds[0]: self._choose(kinds[0], batch)}
         return {kind: self._choose(kind, batch.subset(groups[kind])[1]) for kind in kinds}
 
-    def _ranks(self, kind: AdapterKind) -> list[int]:
-        return [
-            r if k is kind else 0 for k, r in zip(self.bank.kinds, self.bank.ranks, strict=True)
-        ]
+    def _ranks(self, kind: AdapterKind, batch: AdapterBatch) -> dict[int, int]:
+        """Rank per slot present, 0 where the slot holds no ``kind`` adapter in this layer."""
+        kinds, ranks = self.bank.kinds, self.bank.ranks
+        return {s: ranks[s] if s != NO_ADAPTER and kinds[s] is kind else 0 for s in batch.slots}
 
-    def _workload(self, kind: AdapterKind, batch: AdapterBatch) -> Workload:
-        ranks = self._ranks(kind)
-        slot_ranks = tuple(ranks[s] if s != NO_ADAPTER else 0 for s in batch.slots)
+    def workload(self, kind: AdapterKind, batch: AdapterBatch) -> Workload:
+        slot_ranks = tuple(self._ranks(kind, batch).values())
         me, versions = id(self), self.bank.versions
         cached = tuple(
             self.cache is not None and s != NO_ADAPTER and (me, s, versions[s]) in self.cache
@@ -128,9 +128,22 @@ class AdaptedLinear(nn.Module):
             cached=cached,
         )
 
-    def _choose(self, kind: AdapterKind, batch: AdapterBatch) -> Path:
+    def _choose(
+        self, kind: AdapterKind, batch: AdapterBatch, x: torch.Tensor | None = None
+    ) -> Path:
         w = self.base.weight
-        return self.dispatcher.choose(kind, self._workload(kind, batch), w.device, w.dtype)
+        measure = None
+        if x is not None and not torch.is_grad_enabled():
+            measure = lambda path: self._time(kind, x, batch, path)  # noqa: E731
+        return self.dispatcher.choose(kind, self.workload(kind, batch), w.device, w.dtype, measure)
+
+    def _time(self, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch, path: Path) -> float:
+        sync = torch.cuda.synchronize if x.device.type == "cuda" else lambda: None
+        sync()
+        start = time.perf_counter()
+        self._run(kind, x, batch, {kind: path})
+        sync()
+        return time.perf_counter() - start
 
     def _materialised(self, slot: int) -> torch.Tensor:
         bank, w = self.bank, self.base.weight
@@ -144,12 +157,12 @@ class AdaptedLinear(nn.Module):
     def _run(
         self, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch, paths: PathChoice | None
     ) -> torch.Tensor:
-        path = (paths or {}).get(kind) or self._choose(kind, batch)
+        path = (paths or {}).get(kind) or self._choose(kind, batch, x)
         if path not in PATHS_BY_KIND[kind]:
             raise ValueError(f"path {path} cannot run {kind} adapters")
         bank, w, b, idx = self.bank, self.base.weight, self.base.bias, batch.entries
-        ranks = self._ranks(kind)
-        rank = max((ranks[s] for s in batch.slots if s != NO_ADAPTER), default=1) or 1
+        ranks = self._ranks(kind, batch)
+        rank = max(ranks.values(), default=1) or 1
         if path is Path.FLORA_VECTORISED:
             return flora_vectorised(x, w, b, bank.flora_A, bank.flora_Bt, idx, rank)
         if path is Path.FLORA_SEGMENTED:
@@ -161,7 +174,7 @@ class AdaptedLinear(nn.Module):
         if path is Path.LORA_SEGMENTED:
             return lora_segmented(x, w, b, bank.lora_A, bank.lora_Bt, ranks, batch)
         if path is Path.LORA_STACKED:
-            active = [s for s in batch.slots if s != NO_ADAPTER and ranks[s]]
+            active = [s for s, r in ranks.items() if r]
             return lora_stacked(x, w, b, bank.lora_A, bank.lora_Bt, idx, active, rank)
         if path is Path.LORA_BMM:
             return lora_bmm(x, w, b, bank.lora_A, bank.lora_Bt, batch, rank)

@@ -1,0 +1,112 @@
+"""The ``flora`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flora import __version__
+
+QUICK = {"shapes": ["1b"], "tokens": [64, 512], "adapters": ["32"], "ranks": [1, 4, 16]}
+FULL = {
+    "shapes": ["1b"],
+    "tokens": [64, 512],
+    "adapters": ["1", "8", "32", "T"],
+    "ranks": [1, 2, 4, 8, 16, 32, 64],
+}
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from flora.bench import kernels, report
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    preset = QUICK if args.quick else FULL
+    pick = {key: getattr(args, key) or value for key, value in preset.items()}
+    dtypes = args.dtypes or (["bf16", "fp16"] if device.type == "cuda" else ["bf16", "fp32"])
+    unknown = [s for s in pick["shapes"] if s not in kernels.SHAPES]
+    if unknown:
+        print(
+            f"error: unknown shape(s) {unknown}; choose from {list(kernels.SHAPES)}",
+            file=sys.stderr,
+        )
+        return 2
+    cells = list(
+        kernels.grid(pick["shapes"], dtypes, pick["tokens"], pick["adapters"], pick["ranks"])
+    )
+    results = kernels.run(
+        cells,
+        device,
+        cache_bytes=args.cache_mib << 20,
+        max_call_seconds=args.max_call_seconds,
+        rounds=args.rounds or (5 if args.quick else 7),
+    )
+    name = args.name or ("kernels" if device.type == "cpu" else f"kernels-{device.type}")
+    path = report.write(results, Path(args.out), device, name)
+    print("\n".join(report.table(results)))
+    print("\n".join(["", *report.checks(results), *report.crossover(results)]))
+    print(f"\nwrote {path} (+ .csv, .png)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"flora {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="benchmarks that print a table and write docs/")
+    bench_commands = bench.add_subparsers(dest="bench", required=True)
+    k = bench_commands.add_parser(
+        "kernels",
+        help="adapter paths vs the base linear on StarCoder c_attn shapes (paper Fig. 2, left)",
+        description="Time every adapter path against the base linear and write "
+        "docs/benchmarks/kernels.{md,csv,png}.",
+    )
+    k.add_argument("--quick", action="store_true", help="small grid, under 2 minutes on a CPU")
+    k.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    k.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["fp32", "bf16", "fp16"],
+        help="default: bf16 fp32 on CPU, bf16 fp16 on CUDA",
+    )
+    k.add_argument("--shapes", nargs="+", help="c_attn shapes: 1b 3b 15b (default: 1b)")
+    k.add_argument("--tokens", nargs="+", type=int, help="tokens per batch (default: 64 512)")
+    k.add_argument(
+        "--adapters",
+        nargs="+",
+        help="distinct adapters per batch; T means one per token (default: 1 8 32 T)",
+    )
+    k.add_argument("--ranks", nargs="+", type=int, help="default: 1 2 4 8 16 32 64")
+    k.add_argument("--rounds", type=int, help="interleaved timing rounds (default 7; quick 5)")
+    k.add_argument(
+        "--max-call-seconds",
+        type=float,
+        default=1.0,
+        help="skip a method whose predicted call time exceeds this (default 1.0)",
+    )
+    k.add_argument(
+        "--cache-mib",
+        type=int,
+        default=2048,
+        help="materialised-weight cache for segmented FLoRA (default 2048 MiB)",
+    )
+    k.add_argument("--out", default="docs/benchmarks", help="output folder")
+    k.add_argument("--name", help="file stem (default: kernels, or kernels-cuda)")
+    k.set_defaults(handler=_bench_kernels)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
