@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +49,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
         rounds=args.rounds or (5 if args.quick else 7),
     )
     name = args.name or ("kernels" if device.type == "cpu" else f"kernels-{device.type}")
-    path = report.write(results, Path(args.out), device, name)
+    path = report.write(results, Path(args.out), device, name, args.command_line)
     print("\n".join(report.table(results)))
     print("\n".join(["", *report.checks(results), *report.crossover(results)]))
     print(f"\nwrote {path} (+ .csv, .png)")
@@ -104,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = "flora " + shlex.join(argv)
     return args.handler(args)
 
 

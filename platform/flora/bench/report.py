@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import platform as stdlib_platform
-import shlex
 import sys
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -141,9 +140,10 @@ def crossover(results: list[Result]) -> list[str]:
     return out
 
 
-def write(results: list[Result], out_dir: FsPath, device: torch.device, name: str) -> FsPath:
+def write(
+    results: list[Result], out_dir: FsPath, device: torch.device, name: str, command: str
+) -> FsPath:
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "flora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with open(out_dir / f"{name}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
