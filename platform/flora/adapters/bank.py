@@ -139,7 +139,3 @@ class AdapterBank(nn.Module):
             kind = self.kinds[slot] if slot >= 0 else None
             groups.setdefault(kind, []).append(slot)
         return {kind: tuple(members) for kind, members in groups.items()}
-
-    def max_rank_of(self, slots: tuple[int, ...]) -> int:
-        """Largest rank among ``slots`` (1 when none is adapted: the identity entry)."""
-        return max((self.ranks[s] for s in slots if s >= 0), default=1) or 1

@@ -40,7 +40,6 @@ class AdapterBatch:
     slots: tuple[int, ...]
     counts: tuple[int, ...]
     order: torch.Tensor  # [T] int64, tokens sorted by slot
-    local: torch.Tensor  # [T] int64, position of each token's slot in `slots`
     _subsets: dict[tuple[int, ...], tuple[torch.Tensor, AdapterBatch]] = field(
         default_factory=dict, repr=False
     )
@@ -64,26 +63,18 @@ class AdapterBatch:
             raise SlotError(f"slot {low} is invalid: use -1 for 'no adapter'")
         if max_slots is not None and high >= max_slots:
             raise SlotError(f"slot {high} is out of range for a bank of {max_slots} slots")
-        distinct, local, counts = torch.unique(
-            idx, sorted=True, return_inverse=True, return_counts=True
-        )
+        distinct, counts = torch.unique(idx, sorted=True, return_counts=True)
         order = torch.argsort(idx, stable=True)
         return cls(
             token_slots=idx,
             slots=tuple(distinct.tolist()),
             counts=tuple(counts.tolist()),
             order=order,
-            local=local,
         )
 
     @property
     def num_tokens(self) -> int:
         return self.token_slots.shape[0]
-
-    @property
-    def adapted_slots(self) -> tuple[int, ...]:
-        """Distinct slots present, without the no-adapter marker."""
-        return tuple(s for s in self.slots if s != NO_ADAPTER)
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
@@ -132,10 +123,6 @@ class AdapterBatch:
             slots=tuple(self.slots[i] for i in chosen),
             counts=tuple(self.counts[i] for i in chosen),
             order=torch.arange(rows.shape[0], device=rows.device),
-            local=torch.repeat_interleave(
-                torch.arange(len(chosen), device=rows.device),
-                torch.tensor([self.counts[i] for i in chosen], device=rows.device),
-            ),
         )
         self._subsets[slots] = (rows, sub)
         return rows, sub

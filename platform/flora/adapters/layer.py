@@ -110,8 +110,11 @@ class AdaptedLinear(nn.Module):
         kinds, ranks = self.bank.kinds, self.bank.ranks
         return {s: ranks[s] if s != NO_ADAPTER and kinds[s] is kind else 0 for s in batch.slots}
 
-    def workload(self, kind: AdapterKind, batch: AdapterBatch) -> Workload:
-        slot_ranks = tuple(self._ranks(kind, batch).values())
+    def workload(
+        self, kind: AdapterKind, batch: AdapterBatch, ranks: dict[int, int] | None = None
+    ) -> Workload:
+        """What the cost model sees; ``ranks`` (from ``_ranks``) saves recomputing them."""
+        slot_ranks = tuple((ranks or self._ranks(kind, batch)).values())
         me, versions = id(self), self.bank.versions
         cached = tuple(
             self.cache is not None and s != NO_ADAPTER and (me, s, versions[s]) in self.cache
@@ -129,13 +132,18 @@ class AdaptedLinear(nn.Module):
         )
 
     def _choose(
-        self, kind: AdapterKind, batch: AdapterBatch, x: torch.Tensor | None = None
+        self,
+        kind: AdapterKind,
+        batch: AdapterBatch,
+        x: torch.Tensor | None = None,
+        ranks: dict[int, int] | None = None,
     ) -> Path:
         w = self.base.weight
         measure = None
         if x is not None and not torch.is_grad_enabled():
             measure = lambda path: self._time(kind, x, batch, path)  # noqa: E731
-        return self.dispatcher.choose(kind, self.workload(kind, batch), w.device, w.dtype, measure)
+        workload = self.workload(kind, batch, ranks)
+        return self.dispatcher.choose(kind, workload, w.device, w.dtype, measure)
 
     def _time(self, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch, path: Path) -> float:
         sync = torch.cuda.synchronize if x.device.type == "cuda" else lambda: None
@@ -157,11 +165,11 @@ class AdaptedLinear(nn.Module):
     def _run(
         self, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch, paths: PathChoice | None
     ) -> torch.Tensor:
-        path = (paths or {}).get(kind) or self._choose(kind, batch, x)
+        ranks = self._ranks(kind, batch)
+        path = (paths or {}).get(kind) or self._choose(kind, batch, x, ranks)
         if path not in PATHS_BY_KIND[kind]:
             raise ValueError(f"path {path} cannot run {kind} adapters")
         bank, w, b, idx = self.bank, self.base.weight, self.base.bias, batch.entries
-        ranks = self._ranks(kind, batch)
         rank = max(ranks.values(), default=1) or 1
         if path is Path.FLORA_VECTORISED:
             return flora_vectorised(x, w, b, bank.flora_A, bank.flora_Bt, idx, rank)
@@ -178,7 +186,7 @@ class AdaptedLinear(nn.Module):
             return lora_stacked(x, w, b, bank.lora_A, bank.lora_Bt, idx, active, rank)
         if path is Path.LORA_BMM:
             return lora_bmm(x, w, b, bank.lora_A, bank.lora_Bt, batch, rank)
-        present = [s for s in batch.slots if s != NO_ADAPTER and bank.kinds[s] is kind]
+        present = [s for s, r in ranks.items() if r]  # IA3 slots have rank 1
         return ia3_forward(
             x,
             w,
