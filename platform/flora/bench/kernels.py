@@ -24,7 +24,7 @@ from flora.adapters import (
     Path,
 )
 from flora.adapters.dispatch import PATHS_BY_KIND
-from flora.bench.timing import interleaved_medians
+from flora.bench.timing import interleaved_timings
 
 # c_attn of StarCoder (GPTBigCode, multi-query): hidden → hidden + 2 · head_dim (head_dim 128).
 SHAPES: dict[str, tuple[int, int]] = {
@@ -64,6 +64,7 @@ class Result:
     method: str
     seconds: float | None  # None: skipped, predicted too slow to time here
     chosen: str = ""  # for *_auto: the path the dispatcher ran
+    spread: float = 0.0  # interquartile range between rounds, relative to the median
 
 
 def token_slots(tokens: int, adapters: int, rng: random.Random) -> list[int]:
@@ -144,12 +145,12 @@ def run_cell(
             forced = {kind: path} if path is not None else None
             fns[method] = lambda layer=layer, forced=forced: layer(x, batch, paths=forced)
     with torch.inference_mode():
-        medians = interleaved_medians(fns, device, rounds=rounds)
+        timings = interleaved_timings(fns, device, rounds=rounds)
         plans = {kind: str(layers[kind].plan(batch).get(kind, "")) for kind in layers}
-    for method, seconds in medians.items():
+    for method, timing in timings.items():
         kind = METHODS[method][0]
         chosen = plans[kind] if method.endswith("_auto") else ""
-        results.append(Result(cell, method, seconds, chosen))
+        results.append(Result(cell, method, timing.median, chosen, timing.spread))
     return results
 
 

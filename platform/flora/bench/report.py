@@ -51,14 +51,20 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _spreads(results: list[Result]) -> dict[tuple[Cell, str], str]:
+    """Round-to-round interquartile range of each timing, as "±x%" (half the IQR)."""
+    return {(r.cell, r.method): f"±{50 * r.spread:.0f}%" for r in results if r.seconds}
+
+
 def table(results: list[Result]) -> list[str]:
     chosen = {(r.cell, r.method): r.chosen for r in results if r.chosen}
     methods = list(METHODS)
     lines = [
-        "| shape | dtype | T | N | r | base ms | " + " | ".join(methods[1:]) + " |",
+        "| shape | dtype | T | N | r | base ms (spread) | " + " | ".join(methods[1:]) + " |",
         "|" + "---|" * (6 + len(methods) - 1),
     ]
     base_ms = {r.cell: r.seconds * 1e3 for r in results if r.method == "base"}
+    spread = _spreads(results)
     for cell, row in ratios(results).items():
         cells = []
         for m in methods[1:]:
@@ -68,7 +74,9 @@ def table(results: list[Result]) -> list[str]:
             cells.append(text)
         lines.append(
             f"| {cell.shape} | {cell.dtype} | {cell.tokens} | {cell.adapters} | "
-            f"{cell.rank} | {base_ms[cell]:.2f} | " + " | ".join(cells) + " |"
+            f"{cell.rank} | {base_ms[cell]:.2f} ({spread[cell, 'base']}) | "
+            + " | ".join(cells)
+            + " |"
         )
     return lines
 
@@ -77,13 +85,15 @@ def checks(results: list[Result]) -> list[str]:
     """The issue's targets, each stated with the measured number and PASS/MISS."""
     out = []
     rows = ratios(results)
+    spread = _spreads(results)
     for cell, row in rows.items():
         if cell.rank == 1 and row.get("flora") is not None:
             flora, lora = row["flora"], _best(row, LORA_PATHS)
             verdict = "PASS" if flora <= 1.15 else "MISS"
             line = (
                 f"- {cell.shape} {cell.dtype} T={cell.tokens} N={cell.adapters}: FLoRA r1 = "
-                f"{flora:.3f}× base (target ≤ 1.15: {verdict})"
+                f"{flora:.3f}× base (target ≤ 1.15: {verdict}; spread between rounds: base "
+                f"{spread[cell, 'base']}, FLoRA {spread[cell, 'flora']})"
             )
             if lora is not None:
                 ok = (flora - 1) <= 0.5 * (lora - 1) or flora <= 1.0
@@ -113,7 +123,8 @@ def checks(results: list[Result]) -> list[str]:
             if row[auto] > 1.10 * best:
                 misses.append(
                     f"{cell.shape}/{cell.dtype}/T={cell.tokens}/N={cell.adapters}/"
-                    f"r={cell.rank} {auto} {row[auto]:.2f} vs best {best:.2f}"
+                    f"r={cell.rank} {auto} {row[auto]:.2f} ({spread[cell, auto]}) "
+                    f"vs best {best:.2f}"
                 )
     out.append(
         f"- dispatcher within 10% of the best path: {total - len(misses)}/{total} cells"
@@ -182,7 +193,9 @@ def write(
         f"- machine: {machine(device)}",
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "- numbers: median time of each method over the base linear (`F.linear` with bias) "
-        "in the same cell, methods interleaved round by round; — = skipped, predicted "
+        "in the same cell, methods interleaved round by round; spread = half the "
+        "interquartile range of a time between rounds, relative to its median (this "
+        "machine's noise); — = skipped, predicted "
         "slower than the per-call budget.",
         "- T: tokens in the batch; N: distinct adapters (contiguous requests in shuffled "
         "order); r: rank. `*_auto` is the dispatcher, with the path it ran.",

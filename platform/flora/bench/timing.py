@@ -1,11 +1,12 @@
 """Side-by-side timing: methods are interleaved round by round, so drift on a noisy machine
-hits every method alike, and each is summarised by its median."""
+hits every method alike; each is summarised by its median and its spread between rounds."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -29,14 +30,30 @@ class _Clock:
         return (time.perf_counter() - begin) / calls
 
 
-def interleaved_medians(
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median over rounds and the interquartile range relative to it."""
+
+    median: float
+    spread: float
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Timing:
+        median = statistics.median(samples)
+        if len(samples) < 4:
+            return cls(median, (max(samples) - min(samples)) / median)
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+        return cls(median, (q3 - q1) / median)
+
+
+def interleaved_timings(
     fns: Mapping[str, Callable[[], object]],
     device: torch.device,
     *,
     rounds: int = 7,
     min_sample_seconds: float = 0.02,
-) -> dict[str, float]:
-    """Median seconds per call of each function, sampled in interleaved rounds after warm-up."""
+) -> dict[str, Timing]:
+    """Seconds per call of each function, sampled in interleaved rounds after warm-up."""
     clock = _Clock(device)
     calls: dict[str, int] = {}
     for name, fn in fns.items():
@@ -47,4 +64,4 @@ def interleaved_medians(
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name].append(clock.time(fn, calls[name]))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: Timing.of(values) for name, values in samples.items()}
