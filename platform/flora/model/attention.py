@@ -1,0 +1,207 @@
+"""Attention over a paged key/value pool, for a step that mixes decodes and prefill chunks.
+
+The pool holds, per layer, ``[num_blocks · block_size, kv_heads, head_dim]`` keys and values,
+allocated once. A sequence owns a list of blocks (its block table); token ``p`` of it lives at
+flat row ``table[p // block_size] · block_size + p % block_size``. Multi-query heads are folded
+into the query axis (``q [Hkv, G · len, hd]`` against ``k [Hkv, L, hd]``), so one key head is
+read once for all its query heads, never copied per head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Preallocated key/value pool for every layer; never resized while serving."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (n_layer, 2, num_blocks * block_size, kv_heads, head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)  # [L, k|v, rows, Hkv, hd]
+
+    @staticmethod
+    def bytes_per_block(
+        n_layer: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return n_layer * 2 * block_size * kv_heads * head_dim * dtype.itemsize
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[index, 0], self.data[index, 1]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One sequence's share of a step: ``length`` new tokens after ``context`` cached ones."""
+
+    start: int  # offset of its first token in the packed step
+    length: int
+    context: int
+    blocks: tuple[int, ...]  # its block table, covering context + length tokens
+
+    @property
+    def total(self) -> int:
+        return self.context + self.length
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step, built once and shared by all layers.
+
+    Chunks of length 1 (decodes) come first and are attended in one batched call; each longer
+    chunk (a prefill, possibly after an earlier chunk of the same prompt) is attended alone.
+    """
+
+    chunks: tuple[Chunk, ...]
+    block_size: int
+    slot_mapping: torch.Tensor  # [T] flat pool row of each new token
+    num_decode: int
+    decode_rows: torch.Tensor | None  # [D, Lmax] pool rows of every decode's keys
+    decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] True where a key is visible
+    prefill_rows: tuple[torch.Tensor | None, ...]  # per prefill chunk; None: keys are all new
+    prefill_masks: tuple[torch.Tensor, ...]  # per prefill chunk, [G · len, total]
+
+    @classmethod
+    def build(
+        cls,
+        chunks: Sequence[Chunk],
+        block_size: int,
+        group: int,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        """``group`` is query heads per key head (n_head for multi-query, 1 for multi-head)."""
+        chunks = tuple(chunks)
+        num_decode = 0
+        while num_decode < len(chunks) and chunks[num_decode].length == 1:
+            num_decode += 1
+        if any(c.length == 1 for c in chunks[num_decode:]):
+            raise ValueError("decode chunks (length 1) must come before prefill chunks")
+        if any(c.start != sum(p.length for p in chunks[:i]) for i, c in enumerate(chunks)):
+            raise ValueError("chunks must be packed back to back in order")
+        slot_mapping = torch.cat(
+            [_rows(c.blocks, block_size, c.context, c.total) for c in chunks]
+        ).to(device)
+        decode_rows = decode_mask = None
+        if num_decode:
+            longest = max(c.total for c in chunks[:num_decode])
+            padded = [
+                torch.nn.functional.pad(
+                    _rows(c.blocks, block_size, 0, c.total), (0, longest - c.total)
+                )
+                for c in chunks[:num_decode]
+            ]
+            decode_rows = torch.stack(padded).to(device)
+            totals = torch.tensor([c.total for c in chunks[:num_decode]])
+            decode_mask = (torch.arange(longest)[None, :] < totals[:, None]).to(device)
+            decode_mask = decode_mask[:, None, None, :]
+        prefill_rows, prefill_masks = [], []
+        for c in chunks[num_decode:]:
+            rows = _rows(c.blocks, block_size, 0, c.total).to(device) if c.context else None
+            prefill_rows.append(rows)
+            query_pos = torch.arange(c.context, c.total).repeat_interleave(group)
+            mask = torch.arange(c.total)[None, :] <= query_pos[:, None]  # [G · len, total]
+            prefill_masks.append(mask.to(device))
+        return cls(
+            chunks=chunks,
+            block_size=block_size,
+            slot_mapping=slot_mapping,
+            num_decode=num_decode,
+            decode_rows=decode_rows,
+            decode_mask=decode_mask,
+            prefill_rows=tuple(prefill_rows),
+            prefill_masks=tuple(prefill_masks),
+        )
+
+
+def _rows(blocks: Sequence[int], block_size: int, begin: int, end: int) -> torch.Tensor:
+    """Flat pool rows of token positions ``[begin, end)`` of a sequence with these blocks."""
+    pos = torch.arange(begin, end)
+    table = torch.as_tensor(blocks, dtype=torch.long)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[n, H, hd]`` → ``[Hkv, n · G, hd]``: a key head's G query heads become query rows."""
+    n, heads, hd = q.shape
+    group = heads // kv_heads
+    return q.view(n, kv_heads, group, hd).permute(1, 0, 2, 3).reshape(kv_heads, n * group, hd)
+
+
+def _ungrouped(o: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`_grouped`: ``[Hkv, n · G, hd]`` → ``[n, H, hd]``."""
+    kv_heads, _, hd = o.shape
+    return o.view(kv_heads, n, -1, hd).permute(1, 0, 2, 3).reshape(n, -1, hd)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, hd]
+    k: torch.Tensor,  # [T, Hkv, hd]
+    v: torch.Tensor,  # [T, Hkv, hd]
+    cache: tuple[torch.Tensor, torch.Tensor],  # this layer's pools [rows, Hkv, hd]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each chunk's queries over its cached and new keys → ``[T, H, hd]``."""
+    k_pool, v_pool = cache
+    k_pool.index_copy_(0, meta.slot_mapping, k)
+    v_pool.index_copy_(0, meta.slot_mapping, v)
+    kv_heads = k.shape[1]
+    out = torch.empty_like(q)
+    d = meta.num_decode
+    if d:
+        keys = k_pool[meta.decode_rows].permute(0, 2, 1, 3)  # [D, Hkv, Lmax, hd]
+        values = v_pool[meta.decode_rows].permute(0, 2, 1, 3)
+        group = q.shape[1] // kv_heads
+        qd = q[:d].view(d, kv_heads, group, -1)  # [D, Hkv, G, hd]
+        o = F.scaled_dot_product_attention(qd, keys, values, meta.decode_mask, scale=scale)
+        out[:d] = o.reshape(d, -1, q.shape[-1])
+    for c, rows, mask in zip(meta.chunks[d:], meta.prefill_rows, meta.prefill_masks, strict=True):
+        span = slice(c.start, c.start + c.length)
+        if rows is None:
+            keys, values = k[span], v[span]  # [len, Hkv, hd]: nothing cached before
+        else:
+            keys, values = k_pool[rows], v_pool[rows]  # [total, Hkv, hd]
+        o = F.scaled_dot_product_attention(
+            _grouped(q[span], kv_heads),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            mask,
+            scale=scale,
+        )
+        out[span] = _ungrouped(o, c.length)
+    return out
+
+
+def dense_attention(
+    q: torch.Tensor,  # [B, S, H, hd]
+    k: torch.Tensor,  # [B, S, Hkv, hd]
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Plain causal attention over equal-length sequences, no cache (training, scoring)."""
+    b, s, heads, hd = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    qg = (
+        q.view(b, s, kv_heads, group, hd).permute(0, 2, 1, 3, 4).reshape(b, kv_heads, s * group, hd)
+    )
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    mask = causal.repeat_interleave(group, dim=0)  # [S · G, S]
+    o = F.scaled_dot_product_attention(
+        qg, k.transpose(1, 2), v.transpose(1, 2), mask, scale=scale
+    )  # [B, Hkv, S · G, hd]
+    return o.view(b, kv_heads, s, group, hd).permute(0, 2, 1, 3, 4).reshape(b, s, heads, hd)

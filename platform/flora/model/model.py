@@ -1,0 +1,236 @@
+"""GPTBigCode (StarCoder) in plain PyTorch, with per-token adapters on chosen linear layers.
+
+Parameter names equal HF's ``GPTBigCodeForCausalLM`` (``transformer.h.0.attn.c_attn.weight``…),
+so checkpoints load without renaming. Two entry points share every weight:
+
+- :meth:`GPTBigCode.forward` — dense ``[B, S]`` causal pass, no cache (scoring, training);
+- :meth:`GPTBigCode.step` — one serving step over packed tokens of many sequences, reading and
+  writing the paged :class:`KVCache`; logits only for the rows that will be sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flora.adapters import AdaptedLinear, AdapterBatch, BankConfig, Dispatcher, MaterialisedCache
+from flora.adapters.weights import AdapterWeights
+from flora.model.attention import AttentionMetadata, KVCache, dense_attention, paged_attention
+from flora.model.config import ADAPTABLE_MODULES, ModelArgs
+
+# attend(q [.., H, hd], k [.., Hkv, hd], v) → [.., H, hd], bound per layer for one pass.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _linear(module: nn.Module, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
+    return module(x, adapters) if isinstance(module, AdaptedLinear) else module(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_head, self.kv_heads, self.head_dim = args.n_head, args.kv_heads, args.head_dim
+        self.multi_query = args.multi_query
+        kv = 2 * args.kv_heads * args.head_dim
+        self.c_attn: nn.Module = nn.Linear(args.n_embd, args.n_embd + kv)
+        self.c_proj: nn.Module = nn.Linear(args.n_embd, args.n_embd)
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[..., E + 2·kv]`` → q ``[..., H, hd]``, k and v ``[..., Hkv, hd]`` (HF's layouts)."""
+        lead, hd = qkv.shape[:-1], self.head_dim
+        if self.multi_query:  # q | k | v
+            q, k, v = qkv.split((self.n_head * hd, hd, hd), dim=-1)
+            return q.view(*lead, self.n_head, hd), k.unsqueeze(-2), v.unsqueeze(-2)
+        q, k, v = qkv.view(*lead, self.n_head, 3 * hd).split(hd, dim=-1)  # per head: q | k | v
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, adapters: AdapterBatch | None, attend: Attend
+    ) -> torch.Tensor:
+        q, k, v = self.split_heads(_linear(self.c_attn, x, adapters))
+        o = attend(q, k, v)  # [..., H, hd]
+        return _linear(self.c_proj, o.reshape(*x.shape[:-1], -1), adapters)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.c_fc: nn.Module = nn.Linear(args.n_embd, args.inner)
+        self.c_proj: nn.Module = nn.Linear(args.inner, args.n_embd)
+
+    def forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
+        h = F.gelu(_linear(self.c_fc, x, adapters), approximate="tanh")
+        return _linear(self.c_proj, h, adapters)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
+        self.attn = Attention(args)
+        self.ln_2 = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
+        self.mlp = MLP(args)
+
+    def forward(
+        self, x: torch.Tensor, adapters: AdapterBatch | None, attend: Attend
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), adapters, attend)
+        return x + self.mlp(self.ln_2(x), adapters)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(args.vocab_size, args.n_embd)
+        self.wpe = nn.Embedding(args.n_positions, args.n_embd)
+        self.h = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.ln_f = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
+
+
+class GPTBigCode(nn.Module):
+    """StarCoder's architecture: multi-query attention, learned positions, tied ``lm_head``."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.transformer = Transformer(args)
+        self.scale = args.head_dim**-0.5 if args.scale_attn_weights else 1.0
+        self.adapter_targets: tuple[str, ...] = ()
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> GPTBigCode:
+        """Random weights in HF's scheme (normal(0, 0.02), projections scaled by depth)."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("transformer.ln_f"):
+                nn.init.ones_(p)
+            else:
+                s = std / (2 * self.args.n_layer) ** 0.5 if name.endswith("c_proj.weight") else std
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * s)
+        return self
+
+    # --- adapters --------------------------------------------------------------------------
+
+    def enable_adapters(
+        self,
+        targets: Iterable[str] = ("c_attn",),
+        config: BankConfig | None = None,
+        *,
+        dispatcher: Dispatcher | None = None,
+        cache: MaterialisedCache | None = None,
+    ) -> None:
+        """Wrap the target linears of every block in :class:`AdaptedLinear` (weights shared)."""
+        targets = tuple(dict.fromkeys(targets))
+        unknown = [t for t in targets if t not in ADAPTABLE_MODULES]
+        if unknown:
+            raise ValueError(f"unknown adapter targets {unknown}; choose from {ADAPTABLE_MODULES}")
+        if self.adapter_targets:
+            raise RuntimeError(f"adapters already enabled on {self.adapter_targets}")
+        dispatcher = dispatcher or Dispatcher()
+        for block in self.transformer.h:
+            for target in targets:
+                parent, attr = self._parent(block, target)
+                wrapped = AdaptedLinear(
+                    getattr(parent, attr), config, dispatcher=dispatcher, cache=cache
+                )
+                setattr(parent, attr, wrapped)
+        self.adapter_targets = targets
+
+    @staticmethod
+    def _parent(block: Block, target: str) -> tuple[nn.Module, str]:
+        owner, _, attr = ("attn." + target if "." not in target else target).rpartition(".")
+        return block.get_submodule(owner), attr
+
+    def load_adapter(self, slot: int, layers: Mapping[str, AdapterWeights]) -> None:
+        """Put one adapter (weights per HF module path) in ``slot`` of every adapted layer.
+
+        Adapted layers the adapter does not cover get the identity in that slot.
+        """
+        adapted = dict(self.adapted_layers())
+        extra = sorted(set(layers) - set(adapted))
+        if extra:
+            raise ValueError(
+                f"the adapter targets {extra[:3]}, but this model adapts only "
+                f"{list(self.adapter_targets)}; start it with those targets enabled"
+            )
+        for name, layer in adapted.items():
+            if name in layers:
+                layer.load_adapter(slot, layers[name])
+            else:
+                layer.evict_adapter(slot)
+
+    def evict_adapter(self, slot: int) -> None:
+        for _, layer in self.adapted_layers():
+            layer.evict_adapter(slot)
+
+    def adapted_layers(self) -> list[tuple[str, AdaptedLinear]]:
+        """``(hf_path, layer)`` per adapted linear; paths like ``transformer.h.0.attn.c_attn``."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, AdaptedLinear)]
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights under HF names (adapter wrappers and banks left out)."""
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if ".bank." in name:
+                continue
+            state[name.replace(".base.", ".")] = tensor
+        return state
+
+    # --- forward passes --------------------------------------------------------------------
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transformer.ln_f(h), self.transformer.wte.weight)
+
+    def forward(
+        self, input_ids: torch.Tensor, adapters: AdapterBatch | None = None
+    ) -> torch.Tensor:
+        """``input_ids [B, S]`` → logits ``[B, S, V]``; ``adapters`` has one slot per token."""
+        s = input_ids.shape[1]
+        if s > self.args.n_positions:
+            raise ValueError(
+                f"sequence of {s} tokens exceeds the context of {self.args.n_positions}"
+            )
+        pos = torch.arange(s, device=input_ids.device)
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # [B, S, E]
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return dense_attention(q, k, v, self.scale)
+
+        for block in self.transformer.h:
+            x = block(x, adapters, attend)
+        return self._logits(x)
+
+    def step(
+        self,
+        input_ids: torch.Tensor,  # [T] packed tokens of every sequence in the step
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        cache: KVCache,
+        adapters: AdapterBatch | None = None,
+        logit_rows: torch.Tensor | None = None,  # [N] rows to compute logits for
+    ) -> torch.Tensor:
+        """One serving step; returns logits ``[N, V]`` for ``logit_rows`` (all rows if None)."""
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # [T, E]
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = cache.layer(i)
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c=layer_cache):
+                return paged_attention(q, k, v, c, meta, self.scale)
+
+            x = block(x, adapters, attend)
+        if logit_rows is not None:
+            x = x[logit_rows]
+        return self._logits(x)
