@@ -1,0 +1,157 @@
+"""``AsyncEngine``: the step loop on its own thread, streams to asyncio callers.
+
+All engine state is touched only by the loop thread; callers talk to it through an inbox.
+``generate`` yields :class:`RequestOutput` deltas; leaving the iterator early (cancellation,
+a client that disconnects) aborts the request, which frees its KV blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any
+
+from flora.engine.engine import LLMEngine
+from flora.engine.request import Request, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine loop is not running (never started, or shut down)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._streams: dict[
+            str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]
+        ] = {}
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        engine.wake_callback = self._wake.set
+
+    def start(self) -> AsyncEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="flora-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.engine.close()
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopped.is_set()
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the engine thread between steps; its result or error comes back."""
+        if not self.running:
+            raise EngineStoppedError("the engine loop is not running; call start() first")
+        future: Future[Any] = Future()
+        with self._lock:
+            self._inbox.append((fn, future))
+        self._wake.set()
+        return future
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs. Bad requests raise before the first output."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def add() -> None:
+            self.engine.add_request(request)
+            self._streams[request.request_id] = (loop, queue)
+
+        await asyncio.wrap_future(self.call(add))
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished and self.running:
+                self.call(lambda: self._abort(request.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        await asyncio.wrap_future(self.call(lambda: self._abort(request_id)))
+
+    async def invalidate_adapter(self, name: str) -> None:
+        await asyncio.wrap_future(self.call(lambda: self.engine.invalidate_adapter(name)))
+
+    async def stats(self) -> dict[str, int]:
+        return await asyncio.wrap_future(self.call(self.engine.stats))
+
+    def _abort(self, request_id: str) -> None:
+        out = self.engine.abort(request_id)
+        if out is not None:
+            self._dispatch([out])
+        self._streams.pop(request_id, None)
+
+    # --- the loop thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            outputs = self.engine.step()
+            self.steps += 1
+            if outputs:
+                self._dispatch(outputs)
+            else:  # everything waits on an adapter load: sleep until one finishes
+                self._wake.wait(timeout=0.01)
+                self._wake.clear()
+        self._fail_all("the engine shut down")
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            items, self._inbox = self._inbox, []
+        for fn, future in items:
+            try:
+                future.set_result(fn())
+            except Exception as e:  # reaches the caller as its own exception
+                future.set_exception(e)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is None:
+                continue
+            loop, queue = target
+            if out.finished:
+                del self._streams[out.request_id]
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                self.engine.abort(out.request_id)
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            items, self._inbox = self._inbox, []
+        for _, future in items:
+            future.set_exception(EngineStoppedError(message))
+        for request_id in list(self._streams):
+            out = self.engine.abort(request_id)
+            if out is not None:
+                self._dispatch([out])

@@ -1,0 +1,54 @@
+"""Engine settings: one typed place for every knob and its default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from flora.adapters import AdapterKind
+from flora.model.config import ADAPTABLE_MODULES
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    root = os.environ.get("FLORA_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "flora"
+    )
+    return Path(root) / "adapters"
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    dtype: str = Field("auto", description="fp32, bf16, fp16, or auto (bf16 on CUDA, fp32 on CPU).")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences running at once.")
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="Token budget per step; long prompts are prefilled in chunks."
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
+    kv_cache_bytes: int = Field(256 << 20, ge=1, description="Memory for the KV pool.")
+    num_kv_blocks: int | None = Field(None, ge=1, description="Overrides kv_cache_bytes if set.")
+    max_model_len: int | None = Field(None, ge=2, description="Context limit; default: model's.")
+    adapter_slots: int = Field(32, ge=1, description="Adapters resident on the device at once.")
+    max_rank: int = Field(16, ge=1, description="Largest FLoRA/LoRA rank a slot holds.")
+    adapter_targets: tuple[str, ...] = Field(
+        ("c_attn",), description=f"Adapted linears, any of {ADAPTABLE_MODULES}."
+    )
+    adapter_kinds: frozenset[AdapterKind] = Field(frozenset(AdapterKind))
+    host_cache_bytes: int = Field(1 << 30, ge=0, description="Parsed adapters kept in memory.")
+    adapter_cache_dir: Path = Field(default_factory=default_cache_dir)
+    load_workers: int = Field(2, ge=1, description="Threads fetching and parsing adapters.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {[*DTYPES, 'auto']}")
+        return DTYPES[self.dtype]

@@ -1,0 +1,364 @@
+"""``LLMEngine``: continuous batching of many requests, each through its own adapter.
+
+Single-threaded by design: ``add_request``, ``abort`` and ``step`` are called from one thread
+(the :class:`AsyncEngine` loop, or a script via :class:`LLM`). Each step packs decodes and
+prefill chunks of every running sequence into one forward pass whose ``AdapterBatch`` gives each
+token its sequence's adapter slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from flora.adapters import AdapterBatch, BankConfig, Dispatcher, MaterialisedCache
+from flora.engine.adapter_cache import AdapterCache
+from flora.engine.adapter_source import AdapterSource, LocalAdapterSource, UnknownAdapterError
+from flora.engine.blocks import BlockAllocator
+from flora.engine.config import EngineConfig
+from flora.engine.request import FinishReason, Request, RequestOutput, Usage
+from flora.engine.sampling import logprobs_of, sample
+from flora.engine.scheduler import Scheduler, SchedulerOutput
+from flora.engine.sequence import Sequence, Status
+from flora.model import (
+    AdapterFile,
+    AttentionMetadata,
+    Chunk,
+    GPTBigCode,
+    IncrementalDecoder,
+    KVCache,
+    Tokenizer,
+    load_adapter_dir,
+    load_model,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as given (the message says why)."""
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: GPTBigCode,
+        tokenizer: Tokenizer | None = None,
+        config: EngineConfig | None = None,
+        adapter_source: AdapterSource | None = None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        args = model.args
+        self.device, self.dtype = model.device, model.dtype
+        self.max_model_len = min(config.max_model_len or args.n_positions, args.n_positions)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer else args.eos_token_id
+        if self.eos_token_id is None:
+            self.eos_token_id = args.eos_token_id
+        if adapter_source is not None and not model.adapter_targets:
+            model.enable_adapters(
+                config.adapter_targets,
+                BankConfig(
+                    max_slots=config.adapter_slots,
+                    max_rank=config.max_rank,
+                    kinds=config.adapter_kinds,
+                ),
+                dispatcher=Dispatcher(),
+                cache=MaterialisedCache(),
+            )
+        self.adapters = (
+            AdapterCache(
+                adapter_source,
+                self._load_adapter_file,
+                model.load_adapter,
+                config.adapter_slots,
+                cache_dir=config.adapter_cache_dir,
+                host_bytes=config.host_cache_bytes,
+                workers=config.load_workers,
+                on_ready=self._wake,
+            )
+            if adapter_source is not None
+            else None
+        )
+        self.adapter_source = adapter_source
+        block_bytes = KVCache.bytes_per_block(
+            args.n_layer, config.block_size, args.kv_heads, args.head_dim, self.dtype
+        )
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // block_bytes)
+        self.kv = KVCache(
+            args.n_layer,
+            num_blocks,
+            config.block_size,
+            args.kv_heads,
+            args.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.allocator,
+            self.adapters,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        self.sequences: dict[str, Sequence] = {}
+        self.wake_callback = lambda: None
+        log.info(
+            "engine ready: %s on %s %s, %d KV blocks × %d tokens (%.0f MiB), %d adapter slots",
+            f"{args.num_parameters() / 1e6:.1f}M-param GPTBigCode",
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            num_blocks,
+            config.block_size,
+            num_blocks * block_bytes / 2**20,
+            config.adapter_slots if adapter_source else 0,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        adapter_source: AdapterSource | None = None,
+        adapters: dict[str, str | Path] | None = None,
+    ) -> LLMEngine:
+        """Load a checkpoint directory (or cached model id) with its tokenizer."""
+        config = config or EngineConfig()
+        model = load_model(model_dir, dtype=config.torch_dtype, device=config.device)
+        tokenizer = None
+        if (Path(model_dir) / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_dir(model_dir)
+        if adapters and adapter_source is None:
+            adapter_source = LocalAdapterSource(adapters)
+        return cls(model, tokenizer, config, adapter_source)
+
+    def _wake(self) -> None:
+        self.wake_callback()
+
+    def _load_adapter_file(self, directory: Path) -> AdapterFile:
+        """Runs on a loader thread: parse, validate against this model and bank, nothing else."""
+        adapter = load_adapter_dir(directory, self.model.args, dtype=self.dtype)
+        if adapter.kind not in self.config.adapter_kinds:
+            raise ValueError(f"{adapter.kind} adapters are not enabled on this engine")
+        if adapter.rank > self.config.max_rank:
+            raise ValueError(
+                f"rank {adapter.rank} exceeds this engine's max_rank {self.config.max_rank}"
+            )
+        missing = sorted(set(adapter.targets) - set(self.model.adapter_targets))
+        if missing:
+            targets = list(self.model.adapter_targets)
+            raise ValueError(f"the adapter targets {missing}, this engine adapts {targets}")
+        return adapter
+
+    # --- requests --------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> Sequence:
+        """Validate, tokenise and queue; raises :class:`RequestError` or ``UnknownAdapterError``."""
+        if request.request_id in self.sequences:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+        ids = self._prompt_ids(request)
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                "tokens, which must also hold at least one generated token"
+            )
+        total = min(len(ids) + request.params.max_tokens, self.max_model_len)
+        if self.allocator.blocks_for(total) > self.allocator.num_blocks:
+            raise RequestError(
+                f"the request needs {total} tokens of KV cache; the cache holds "
+                f"{self.allocator.num_blocks * self.allocator.block_size}. Raise kv_cache_bytes."
+            )
+        ref = None
+        if request.adapter is not None:
+            if self.adapter_source is None:
+                raise UnknownAdapterError(
+                    f"unknown adapter {request.adapter!r}: this engine serves no adapters"
+                )
+            ref = self.adapter_source.resolve(request.adapter, request.tenant)
+        seq = Sequence(request, ids, adapter_ref=ref)
+        seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
+        if not request.params.greedy:
+            seq.generator = torch.Generator(self.device).manual_seed(seed)
+        if self.tokenizer is not None:
+            seq.decoder = IncrementalDecoder(self.tokenizer, ids)
+        seq.adapter_label = ref.label if ref else None
+        self.sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def _prompt_ids(self, request: Request) -> list[int]:
+        if request.prompt_ids is not None:
+            bad = [t for t in request.prompt_ids if not 0 <= t < self.model.args.vocab_size]
+            if bad:
+                raise RequestError(f"prompt_ids {bad[:5]} are outside the vocabulary")
+            return list(request.prompt_ids)
+        if self.tokenizer is None:
+            raise RequestError("this engine has no tokenizer: send prompt_ids")
+        ids = self.tokenizer.encode(request.prompt or "")
+        if not ids:
+            raise RequestError("the prompt tokenises to nothing")
+        return ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request; its KV blocks and adapter slot are freed at once."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return None
+        return self._finish(seq, FinishReason.ABORT)
+
+    def invalidate_adapter(self, name: str) -> None:
+        """An adapter changed or was deleted: never serve the cached copy to a new request."""
+        if self.adapters is not None:
+            self.adapters.invalidate(name)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        outputs = [self._finish(seq, FinishReason.ERROR, msg) for seq, msg in plan.failed]
+        if not plan.chunks:
+            return outputs
+        try:
+            logits = self._forward(plan)
+        except Exception as e:  # a bug or device error fails this step's requests, not the engine
+            log.exception("step failed")
+            return outputs + [
+                self._finish(c.seq, FinishReason.ERROR, f"internal error: {e}") for c in plan.chunks
+            ]
+        sampling = [c.seq for c in plan.chunks if c.samples]
+        for c in plan.chunks:
+            c.seq.num_computed += c.length
+        if sampling:
+            params = [s.request.params for s in sampling]
+            tokens = sample(logits, params, [s.generator for s in sampling])
+            lps = logprobs_of(logits, tokens, params)
+            for seq, token, lp in zip(sampling, tokens, lps, strict=True):
+                outputs.append(self._append(seq, token, lp))
+        return outputs
+
+    def _forward(self, plan: SchedulerOutput) -> torch.Tensor:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        chunks: list[Chunk] = []
+        logit_rows: list[int] = []
+        for c in plan.chunks:
+            seq, begin = c.seq, c.seq.num_computed
+            start = len(ids)
+            ids.extend(seq.tokens(begin, begin + c.length))
+            positions.extend(range(begin, begin + c.length))
+            slots.extend([seq.slot if seq.slot is not None else -1] * c.length)
+            chunks.append(Chunk(start, c.length, begin, tuple(seq.blocks)))
+            if c.samples:
+                logit_rows.append(start + c.length - 1)
+        args = self.model.args
+        meta = AttentionMetadata.build(
+            chunks, self.allocator.block_size, args.n_head // args.kv_heads, self.device
+        )
+        batch = None
+        if self.model.adapter_targets:
+            batch = AdapterBatch.from_slots(slots, device=self.device)
+        dev = self.device
+        with torch.inference_mode():
+            return self.model.step(
+                torch.tensor(ids, device=dev),
+                torch.tensor(positions, device=dev),
+                meta,
+                self.kv,
+                batch,
+                torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            )
+
+    def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        params = seq.request.params
+        reason = None
+        if seq.decoder is not None:
+            seq.text += seq.decoder.push([token])
+            if params.stop:
+                cut = min((i for s in params.stop if (i := seq.text.find(s)) >= 0), default=-1)
+                if cut >= 0:
+                    seq.text = seq.text[:cut]
+                    reason = FinishReason.STOP
+        if reason is None:
+            if (
+                token == self.eos_token_id and not params.ignore_eos
+            ) or token in params.stop_token_ids:
+                reason = FinishReason.STOP
+            elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+        if reason is not None:
+            return self._finish(seq, reason)
+        return self._delta(seq)
+
+    def _delta(self, seq: Sequence) -> RequestOutput:
+        """What is new since the last output; text that may be a stop string's start waits."""
+        finished = seq.status is Status.FINISHED
+        hold = 0 if finished else max((len(s) - 1 for s in seq.request.params.stop), default=0)
+        text_end = max(seq.sent_text, len(seq.text) - hold)
+        out = RequestOutput(
+            request_id=seq.request_id,
+            token_ids=tuple(seq.output_ids[seq.sent_tokens :]),
+            text=seq.text[seq.sent_text : text_end],
+            finished=finished,
+            usage=Usage(len(seq.prompt_ids), len(seq.output_ids)),
+            finish_reason=seq.finish_reason,
+            logprobs=tuple(seq.logprobs[seq.sent_tokens :]),
+            error=seq.error,
+            adapter=seq.adapter_label,
+        )
+        seq.sent_tokens, seq.sent_text = len(seq.output_ids), text_end
+        return out
+
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, error: str | None = None
+    ) -> RequestOutput:
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason, seq.error = Status.FINISHED, reason, error
+        self.sequences.pop(seq.request_id, None)
+        return self._delta(seq)
+
+    # --- introspection ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": self.scheduler.num_waiting(),
+            "kv_blocks_free": self.allocator.num_free,
+            "kv_blocks_total": self.allocator.num_blocks,
+            "adapter_slots_in_use": self.adapters.in_use() if self.adapters else 0,
+            "adapters_loading": self.adapters.pending() if self.adapters else 0,
+        }
+
+    def close(self) -> None:
+        if self.adapters is not None:
+            self.adapters.close()
+
+
+def run_to_completion(
+    engine: LLMEngine, requests: Iterable[Request]
+) -> dict[str, list[RequestOutput]]:
+    """Add every request, step until all finish; outputs per request id (for scripts, tests)."""
+    results: dict[str, list[RequestOutput]] = {}
+    for r in requests:
+        engine.add_request(r)
+        results[r.request_id] = []
+    idle = 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        for o in outs:
+            results.setdefault(o.request_id, []).append(o)
+        idle = 0 if outs else idle + 1
+        if idle and engine.adapters is not None and engine.adapters.pending():
+            time.sleep(0.001)  # adapters still loading on worker threads
+    return results
