@@ -75,7 +75,7 @@ class LLMEngine:
             AdapterCache(
                 adapter_source,
                 self._load_adapter_file,
-                model.load_adapter,
+                lambda slot, adapter: model.load_adapter(slot, adapter.layers),
                 config.adapter_slots,
                 cache_dir=config.adapter_cache_dir,
                 host_bytes=config.host_cache_bytes,
