@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -151,7 +151,8 @@ class Dispatcher:
     Decisions are memoised per workload bucket, so a steady stream of similar batches pays one
     dictionary lookup per layer.
 
-    ``tune_margin`` ≤ 1 turns the measured tie-break off (pure cost model).
+    ``tune_margin`` ≤ 1 turns the measured tie-break off (pure cost model). ``force`` pins a
+    path per kind (benchmarks comparing paths end to end).
     """
 
     def __init__(
@@ -160,7 +161,12 @@ class Dispatcher:
         *,
         tune_margin: float = 1.6,
         tune_repeats: int = 3,
+        force: Mapping[AdapterKind, Path] | None = None,
     ) -> None:
+        self.force = dict(force or {})
+        for kind, path in self.force.items():
+            if path not in PATHS_BY_KIND[kind]:
+                raise ValueError(f"path {path} cannot run {kind} adapters")
         self.calibration = calibration or DEFAULT_CALIBRATION
         self.tune_margin, self.tune_repeats = tune_margin, tune_repeats
         self._models: dict[tuple, CostModel] = {}
@@ -188,6 +194,8 @@ class Dispatcher:
         measure: Callable[[Path], float] | None = None,
     ) -> Path:
         """The predicted-cheapest path; ``measure(path)`` (seconds) settles close calls."""
+        if kind in self.force:
+            return self.force[kind]
         candidates = PATHS_BY_KIND[kind]
         if len(candidates) == 1:
             return candidates[0]

@@ -166,7 +166,11 @@ class AdaptedLinear(nn.Module):
         self, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch, paths: PathChoice | None
     ) -> torch.Tensor:
         ranks = self._ranks(kind, batch)
-        path = (paths or {}).get(kind) or self._choose(kind, batch, x, ranks)
+        path = (
+            (paths or {}).get(kind)
+            or self.dispatcher.force.get(kind)
+            or self._choose(kind, batch, x, ranks)
+        )
         if path not in PATHS_BY_KIND[kind]:
             raise ValueError(f"path {path} cannot run {kind} adapters")
         bank, w, b, idx = self.bank, self.base.weight, self.base.bias, batch.entries

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import pathlib
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from flora.adapters import AdapterKind
+from flora.adapters import AdapterKind, Path
 from flora.model.config import ADAPTABLE_MODULES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> pathlib.Path:
     import os
 
     root = os.environ.get("FLORA_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "flora"
     )
-    return Path(root) / "adapters"
+    return pathlib.Path(root) / "adapters"
 
 
 class EngineConfig(BaseModel):
@@ -41,8 +41,11 @@ class EngineConfig(BaseModel):
         ("c_attn",), description=f"Adapted linears, any of {ADAPTABLE_MODULES}."
     )
     adapter_kinds: frozenset[AdapterKind] = Field(frozenset(AdapterKind))
+    adapter_paths: dict[AdapterKind, Path] = Field(
+        default_factory=dict, description="Force a path per kind (benchmarks); default: dispatcher."
+    )
     host_cache_bytes: int = Field(1 << 30, ge=0, description="Parsed adapters kept in memory.")
-    adapter_cache_dir: Path = Field(default_factory=default_cache_dir)
+    adapter_cache_dir: pathlib.Path = Field(default_factory=default_cache_dir)
     load_workers: int = Field(2, ge=1, description="Threads fetching and parsing adapters.")
 
     @property

@@ -68,9 +68,11 @@ class LLMEngine:
                     max_rank=config.max_rank,
                     kinds=config.adapter_kinds,
                 ),
-                dispatcher=Dispatcher(),
+                dispatcher=Dispatcher(force=config.adapter_paths),
                 cache=MaterialisedCache(),
             )
+        for _, layer in model.adapted_layers():  # layers share one dispatcher
+            layer.dispatcher.force = dict(config.adapter_paths)
         self.adapters = (
             AdapterCache(
                 adapter_source,
@@ -263,8 +265,8 @@ class LLMEngine:
         meta = AttentionMetadata.build(
             chunks, self.allocator.block_size, args.n_head // args.kv_heads, self.device
         )
-        batch = None
-        if self.model.adapter_targets:
+        batch = None  # a step without adapters runs the plain model: no adapter overhead
+        if self.model.adapter_targets and any(s >= 0 for s in slots):
             batch = AdapterBatch.from_slots(slots, device=self.device)
         dev = self.device
         with torch.inference_mode():

@@ -110,16 +110,18 @@ class GPTBigCode(nn.Module):
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> GPTBigCode:
         """Random weights in HF's scheme (normal(0, 0.02), projections scaled by depth)."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".ln_" in name or name.startswith("transformer.ln_f"):
-                nn.init.ones_(p)
-            else:
-                s = std / (2 * self.args.n_layer) ** 0.5 if name.endswith("c_proj.weight") else std
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=gen) * s)
+        gen = torch.Generator(self.device).manual_seed(seed)  # on the device: fast for 15B
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif ".ln_" in name or name.startswith("transformer.ln_f"):
+                    p.fill_(1.0)
+                else:
+                    last = name.endswith("c_proj.weight")
+                    p.normal_(
+                        0.0, std / (2 * self.args.n_layer) ** 0.5 if last else std, generator=gen
+                    )
         return self
 
     # --- adapters --------------------------------------------------------------------------

@@ -1,0 +1,287 @@
+"""End-to-end serving throughput: the engine with every request on its own adapter, against the
+engine without adapters, PEFT's mixed-adapter ``generate`` and plain transformers ``generate``.
+
+Random weights at a real config time the same as trained ones (``ignore_eos``, fixed output
+lengths). Methods run in interleaved rounds so machine drift hits each alike; adapters are
+loaded and the dispatcher tuned in a warm-up pass, as on a replica that has been serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flora.adapters import AdapterKind, FloraWeights, IA3Weights, LoraWeights
+from flora.adapters import Path as KernelPath
+from flora.engine import EngineConfig, LLMEngine, LocalAdapterSource, Request, SamplingParams
+from flora.model import GPTBigCode, ModelArgs, save_adapter_dir
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    runner: str  # engine | peft | hf
+    kind: AdapterKind | None = None
+    rank: int = 0
+    distinct: bool = True
+    path: KernelPath | None = None
+
+
+def methods(ranks: list[int], baselines: bool = True) -> list[Method]:
+    out = [
+        Method("no adapters", "engine"),
+        Method("same flora r1", "engine", AdapterKind.FLORA, 1, distinct=False),
+    ]
+    for r in ranks:
+        out.append(Method(f"flora r{r}", "engine", AdapterKind.FLORA, r))
+    out.append(Method("ia3", "engine", AdapterKind.IA3, 1))
+    for r in ranks:
+        out.append(
+            Method(f"lora gather r{r}", "engine", AdapterKind.LORA, r, path=KernelPath.LORA_GATHER)
+        )
+        out.append(
+            Method(f"lora bmm r{r}", "engine", AdapterKind.LORA, r, path=KernelPath.LORA_BMM)
+        )
+    if baselines:
+        out.append(Method("peft mixed lora r8", "peft", AdapterKind.LORA, 8))
+        out.append(Method("transformers generate", "hf"))
+    return out
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int = 64
+    prompt_min: int = 32
+    prompt_max: int = 256
+    output_tokens: int = 128
+    seed: int = 0
+
+    def prompts(self, vocab: int) -> list[list[int]]:
+        """Log-uniform prompt lengths (the vLLM throughput benchmark's long tail, scaled)."""
+        rng = random.Random(self.seed)
+        ratio = self.prompt_max / self.prompt_min
+        lengths = [int(self.prompt_min * ratio ** rng.random()) for _ in range(self.requests)]
+        return [[rng.randrange(1, vocab) for _ in range(n)] for n in lengths]
+
+
+@dataclass
+class Run:
+    tokens: int
+    seconds: float
+    itl: list[float] = field(default_factory=list)  # inter-token latencies, seconds
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.seconds
+
+
+def random_adapter_layers(args: ModelArgs, kind: AdapterKind, rank: int, gen: torch.Generator):
+    k, d = args.n_embd, args.n_embd + 2 * args.kv_heads * args.head_dim
+    layers = {}
+    for i in range(args.n_layer):
+        name = f"transformer.h.{i}.attn.c_attn"
+        if kind is AdapterKind.FLORA:
+            a = 1 + 0.1 * torch.randn(rank, k, generator=gen)
+            layers[name] = FloraWeights(a, 1 + 0.1 * torch.randn(d, rank, generator=gen))
+        elif kind is AdapterKind.LORA:
+            a = torch.randn(rank, k, generator=gen) * k**-0.5
+            layers[name] = LoraWeights(a, 0.01 * torch.randn(d, rank, generator=gen), 2.0 * rank)
+        else:
+            layers[name] = IA3Weights(1 + 0.1 * torch.randn(d, generator=gen))
+    return layers
+
+
+class Bench:
+    """Owns the model, the adapter files and the runners for one configuration."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        workload: Workload,
+        *,
+        device: str,
+        dtype: str,
+        method_list: list[Method],
+        budget_tokens: int = 2048,
+        progress: Callable[[str], None] = print,
+    ) -> None:
+        self.args, self.workload, self.device, self.dtype = args, workload, device, dtype
+        self.methods, self.progress = method_list, progress
+        self.config = EngineConfig(device=device, dtype=dtype)
+        with torch.device(device):
+            self.model = GPTBigCode(args).to(self.config.torch_dtype)
+        self.model.init_weights(seed=workload.seed).eval().requires_grad_(False)
+        max_rank = max([m.rank for m in method_list if m.kind] + [1])
+        self.root = Path(tempfile.mkdtemp(prefix="flora-bench-"))
+        per_token = 2 * args.n_layer * args.kv_heads * args.head_dim * self.model.dtype.itemsize
+        room = workload.requests * (workload.prompt_max + workload.output_tokens + 32)
+        self.engine_config = dict(
+            kv_cache_bytes=int(1.1 * room * per_token),  # every request fits: no preemption
+            device=device,
+            dtype=dtype,
+            adapter_slots=workload.requests,
+            max_rank=max_rank,
+            max_num_seqs=workload.requests,
+            max_num_batched_tokens=budget_tokens,
+            adapter_cache_dir=self.root / "cache",
+        )
+        self.prompts = workload.prompts(args.vocab_size)
+        self._write_adapters()
+        self._hf = None
+
+    def _names(self, m: Method) -> list[str | None]:
+        if m.kind is None or m.runner == "hf":
+            return [None] * self.workload.requests
+        tag = f"{m.kind}-r{m.rank}"
+        return [f"{tag}-{i if m.distinct else 0}" for i in range(self.workload.requests)]
+
+    def _write_adapters(self) -> None:
+        gen = torch.Generator().manual_seed(self.workload.seed + 1)
+        made: set[str] = set()
+        for m in self.methods:
+            for name in self._names(m):
+                if name is None or name in made:
+                    continue
+                layers = random_adapter_layers(self.args, m.kind, m.rank, gen)
+                save_adapter_dir(self.root / "adapters" / name, m.kind, layers)
+                made.add(name)
+        self.progress(f"wrote {len(made)} adapters under {self.root / 'adapters'}")
+
+    # --- runners ---------------------------------------------------------------------------
+
+    def run(self, m: Method) -> Run:
+        if m.runner == "engine":
+            return self._run_engine(m)
+        return self._run_generate(m)
+
+    def _requests(self, m: Method, max_tokens: int, prompts=None) -> list[Request]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return [
+            Request(prompt_ids=p, params=params, adapter=n)
+            for p, n in zip(prompts or self.prompts, self._names(m), strict=True)
+        ]
+
+    def engine_for(self, m: Method) -> LLMEngine:
+        paths = {m.kind: m.path} if m.path else {}
+        config = EngineConfig(**self.engine_config, adapter_paths=paths)
+        source = LocalAdapterSource(root=self.root / "adapters")
+        engine = LLMEngine(self.model, None, config, source)
+        warm = self._requests(m, 2)  # load every adapter, tune the dispatcher
+        drive(engine, warm)
+        return engine
+
+    def _run_engine(self, m: Method) -> Run:
+        engine = self.engine_for(m)
+        try:
+            requests = self._requests(m, self.workload.output_tokens)
+            stamps = drive(engine, requests)
+        finally:
+            engine.close()
+            del engine
+        return _summarise(stamps)
+
+    def _run_generate(self, m: Method) -> Run:
+        from flora.bench.hf_baselines import generate_run
+
+        return generate_run(self, m)
+
+
+def drive(engine: LLMEngine, requests: list[Request]) -> dict[str, list[float]]:
+    """Run to completion; per request, the wall time at which each token came out."""
+    stamps: dict[str, list[float]] = {}
+    for r in requests:
+        engine.add_request(r)
+        stamps[r.request_id] = [time.perf_counter()]
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            stamps[o.request_id].extend([now] * len(o.token_ids))
+        if not outs and engine.adapters is not None and engine.adapters.pending():
+            time.sleep(0.001)
+    return stamps
+
+
+def _summarise(stamps: dict[str, list[float]]) -> Run:
+    start = min(s[0] for s in stamps.values())
+    end = max(s[-1] for s in stamps.values())
+    tokens = sum(len(s) - 1 for s in stamps.values())
+    itl = [b - a for s in stamps.values() for a, b in itertools.pairwise(s[1:])]  # after TTFT
+    return Run(tokens, end - start, itl)
+
+
+@dataclass
+class Result:
+    method: Method
+    runs: list[Run]
+
+    @property
+    def throughput(self) -> float:
+        return statistics.median(r.throughput for r in self.runs)
+
+    @property
+    def spread(self) -> float:
+        values = [r.throughput for r in self.runs]
+        return (max(values) - min(values)) / 2 / statistics.median(values)
+
+    def itl_percentile(self, q: float) -> float:
+        values = sorted(v for r in self.runs for v in r.itl)
+        if not values:
+            return math.nan
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def run_all(bench: Bench, rounds: int) -> list[Result]:
+    results = {m.name: Result(m, []) for m in bench.methods}
+    for i in range(rounds):
+        for m in bench.methods:
+            run = bench.run(m)
+            results[m.name].runs.append(run)
+            bench.progress(
+                f"round {i + 1}/{rounds}  {m.name:<24} {run.throughput:8.0f} tok/s "
+                f"({run.tokens} tokens in {run.seconds:.1f}s)"
+            )
+    return list(results.values())
+
+
+def poisson_latency(
+    bench: Bench, method: Method, rate: float, requests: int, seed: int = 0
+) -> tuple[float, float]:
+    """Mean and p99 per-token latency (s) with Poisson arrivals at ``rate`` requests/s."""
+    engine = bench.engine_for(method)
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in range(requests):
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    todo = bench._requests(method, bench.workload.output_tokens)[:requests]
+    stamps: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    while todo or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while todo and arrivals[len(arrivals) - len(todo)] <= now:
+            r = todo.pop(0)
+            engine.add_request(r)
+            stamps[r.request_id] = [time.perf_counter()]
+        if not engine.has_unfinished():
+            time.sleep(min(0.005, max(0.0, arrivals[len(arrivals) - len(todo)] - now)))
+            continue
+        outs = engine.step()
+        stamp = time.perf_counter()
+        for o in outs:
+            stamps[o.request_id].extend([stamp] * len(o.token_ids))
+    engine.close()
+    per_token = [(s[-1] - s[0]) / (len(s) - 1) for s in stamps.values() if len(s) > 1]
+    per_token.sort()
+    return statistics.mean(per_token), per_token[
+        min(len(per_token) - 1, int(0.99 * len(per_token)))
+    ]

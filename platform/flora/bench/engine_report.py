@@ -1,0 +1,147 @@
+"""Engine benchmark results → table, target checks, Markdown, CSV and a plot under docs/."""
+
+from __future__ import annotations
+
+import csv
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flora.bench.engine import Result
+from flora.bench.report import machine
+
+NO_ADAPTERS = "no adapters"
+
+
+def _by_name(results: list[Result]) -> dict[str, Result]:
+    return {r.method.name: r for r in results}
+
+
+def table(results: list[Result]) -> list[str]:
+    base = _by_name(results)[NO_ADAPTERS].throughput
+    lines = [
+        "| method | tokens/s | × no adapters | per-token latency p50 (ms) | p99 (ms) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.method.name} | {r.throughput:,.0f} ±{100 * r.spread:.0f}% | "
+            f"{r.throughput / base:.2f} | {1e3 * r.itl_percentile(0.5):.1f} | "
+            f"{1e3 * r.itl_percentile(0.99):.1f} |"
+        )
+    return lines
+
+
+def checks(results: list[Result]) -> list[str]:
+    named = _by_name(results)
+    base = named[NO_ADAPTERS].throughput
+    out = []
+
+    def check(label: str, name: str, versus: str | None, target: float) -> None:
+        if name not in named or (versus and versus not in named):
+            return
+        ref = named[versus].throughput if versus else base
+        ratio = named[name].throughput / ref
+        verdict = "met" if ratio >= target else "MISSED"
+        out.append(f"- {label}: {ratio:.2f}× (target ≥ {target}×) — {verdict}")
+
+    check("distinct rank-1 FLoRA vs no adapters", "flora r1", None, 0.9)
+    check(
+        "distinct rank-1 FLoRA vs PEFT mixed-adapter generate", "flora r1", "peft mixed lora r8", 3
+    )
+    check("distinct rank-8 LoRA (gather) vs no adapters", "lora gather r8", None, 0.85)
+    check(
+        "distinct rank-1 FLoRA vs rank-1 bmm LoRA (the paper's baseline)",
+        "flora r1",
+        "lora bmm r1",
+        1,
+    )
+    return out
+
+
+def latency_table(rows: list[tuple[str, int, float, float]]) -> list[str]:
+    lines = [
+        "| method | rank | mean per-token latency (ms) | p99 (ms) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {m} | {r} | {1e3 * mean:.1f} | {1e3 * p99:.1f} |" for m, r, mean, p99 in rows]
+    return lines
+
+
+def write(
+    results: list[Result],
+    latency: list[tuple[str, int, float, float]],
+    out_dir: Path,
+    name: str,
+    *,
+    device,
+    header: list[str],
+    command: str,
+) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"{name}.md"
+    lines = [
+        f"# Engine throughput: {name}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine(device)}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+        "",
+        *header,
+        "",
+        *table(results),
+        "",
+        "## Targets",
+        "",
+        *checks(results),
+    ]
+    if latency:
+        lines += ["", "## Per-token latency under Poisson arrivals", "", *latency_table(latency)]
+    md.write_text("\n".join(lines) + "\n")
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "kind", "rank", "tokens_per_s", "spread", "itl_p50_ms", "itl_p99_ms"])
+        for r in results:
+            w.writerow(
+                [
+                    r.method.name,
+                    r.method.kind or "",
+                    r.method.rank,
+                    f"{r.throughput:.1f}",
+                    f"{r.spread:.3f}",
+                    f"{1e3 * r.itl_percentile(0.5):.2f}",
+                    f"{1e3 * r.itl_percentile(0.99):.2f}",
+                ]
+            )
+    _plot(results, out_dir / f"{name}.png", name)
+    return md
+
+
+def _plot(results: list[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = _by_name(results)[NO_ADAPTERS].throughput
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for prefix, label in (
+        ("flora r", "FLoRA"),
+        ("lora gather r", "LoRA gather"),
+        ("lora bmm r", "LoRA bmm"),
+    ):
+        points = sorted(
+            (r.method.rank, r.throughput / base)
+            for r in results
+            if r.method.name.startswith(prefix)
+        )
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax.axhline(1.0, color="grey", linestyle="--", label="no adapters")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank (every request a different adapter)")
+    ax.set_ylabel("throughput / no-adapter throughput")
+    ax.set_title(f"Engine throughput vs rank ({title})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
