@@ -92,22 +92,20 @@ class AttentionMetadata:
             raise ValueError("decode chunks (length 1) must come before prefill chunks")
         if any(c.start != sum(p.length for p in chunks[:i]) for i, c in enumerate(chunks)):
             raise ValueError("chunks must be packed back to back in order")
-        slot_mapping = torch.cat(
-            [_rows(c.blocks, block_size, c.context, c.total) for c in chunks]
-        ).to(device)
         decode_rows = decode_mask = None
-        if num_decode:
-            longest = max(c.total for c in chunks[:num_decode])
-            padded = [
-                torch.nn.functional.pad(
-                    _rows(c.blocks, block_size, 0, c.total), (0, longest - c.total)
-                )
-                for c in chunks[:num_decode]
-            ]
-            decode_rows = torch.stack(padded).to(device)
-            totals = torch.tensor([c.total for c in chunks[:num_decode]])
-            decode_mask = (torch.arange(longest)[None, :] < totals[:, None]).to(device)
-            decode_mask = decode_mask[:, None, None, :]
+        mappings = []
+        if num_decode:  # one padded block table for all decodes: a few tensor ops, no loop
+            decodes = chunks[:num_decode]
+            width = max(len(c.blocks) for c in decodes)
+            table = torch.tensor([c.blocks + (0,) * (width - len(c.blocks)) for c in decodes])
+            totals = torch.tensor([c.total for c in decodes])
+            pos = torch.arange(int(totals.max()))
+            rows = table[:, pos // block_size] * block_size + pos % block_size  # [D, Lmax]
+            mappings.append(rows[torch.arange(num_decode), totals - 1])
+            decode_rows = rows.to(device)
+            decode_mask = (pos[None, :] < totals[:, None])[:, None, None, :].to(device)
+        mappings += [_rows(c.blocks, block_size, c.context, c.total) for c in chunks[num_decode:]]
+        slot_mapping = torch.cat(mappings).to(device)
         prefill_rows, prefill_masks = [], []
         for c in chunks[num_decode:]:
             rows = _rows(c.blocks, block_size, 0, c.total).to(device) if c.context else None
@@ -163,8 +161,10 @@ def paged_attention(
     out = torch.empty_like(q)
     d = meta.num_decode
     if d:
-        keys = k_pool[meta.decode_rows].permute(0, 2, 1, 3)  # [D, Hkv, Lmax, hd]
-        values = v_pool[meta.decode_rows].permute(0, 2, 1, 3)
+        rows = meta.decode_rows
+        shape = (*rows.shape, *k_pool.shape[1:])  # [D, Lmax, Hkv, hd]
+        keys = k_pool.index_select(0, rows.view(-1)).view(shape).transpose(1, 2)
+        values = v_pool.index_select(0, rows.view(-1)).view(shape).transpose(1, 2)
         group = q.shape[1] // kv_heads
         qd = q[:d].view(d, kv_heads, group, -1)  # [D, Hkv, G, hd]
         o = F.scaled_dot_product_attention(qd, keys, values, meta.decode_mask, scale=scale)
