@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flora import __version__
+from flora import __version__, generate_cli
+from flora.bench import engine_cli as bench_engine_cli
 
 QUICK = {"shapes": ["1b"], "tokens": [64, 512], "adapters": ["32"], "ranks": [1, 4, 16]}
 FULL = {
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="docs/benchmarks", help="output folder")
     k.add_argument("--name", help="file stem (default: kernels, or kernels-cuda)")
     k.set_defaults(handler=_bench_kernels)
+    bench_engine_cli.add_parser(bench_commands)
+    generate_cli.add_parser(commands)
     return parser
 
 

@@ -20,6 +20,8 @@ from flora.adapters import AdapterBatch, AdapterKind, FloraWeights, IA3Weights, 
 from flora.engine import EngineConfig, LLMEngine, LocalAdapterSource
 from flora.model import GPTBigCode, ModelArgs, load_adapter_dir, save_adapter_dir
 
+# FLORA_TEST_DEVICE=cuda runs the same checks on a GPU (scripts/gpu-bench.sh does).
+DEVICE = os.environ.get("FLORA_TEST_DEVICE", "cpu")
 ARGS = ModelArgs(
     vocab_size=512, n_positions=160, n_embd=64, n_layer=2, n_head=4, n_inner=128, eos_token_id=0
 )
@@ -76,7 +78,7 @@ def base_model() -> GPTBigCode:
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.15 * torch.randn(p.shape, generator=gen))
-    return net.eval().requires_grad_(False)
+    return net.to(DEVICE).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +99,7 @@ def make_engine(
     def make(adapters: bool = True, **config) -> LLMEngine:
         config.setdefault("adapter_cache_dir", tmp_path / "cache")
         config.setdefault("block_size", 4)
+        config.setdefault("device", DEVICE)
         source = LocalAdapterSource(root=adapter_root) if adapters else None
         engine = LLMEngine(copy.deepcopy(base_model), None, EngineConfig(**config), source)
         engines.append(engine)
@@ -121,8 +124,9 @@ def reference(base_model: GPTBigCode, adapter_root: Path) -> Callable[..., list[
         ids = list(prompt)
         with torch.no_grad():
             for _ in range(max_tokens):
-                batch = AdapterBatch.from_slots([slot] * len(ids))
-                ids.append(int(net(torch.tensor([ids]), batch)[0, -1].argmax()))
+                batch = AdapterBatch.from_slots([slot] * len(ids), device=DEVICE)
+                logits = net(torch.tensor([ids], device=DEVICE), batch)
+                ids.append(int(logits[0, -1].argmax()))
         return ids[len(prompt) :]
 
     return greedy

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flora.engine import FinishReason, Request, SamplingParams, run_to_completion
-from tests.engine.conftest import ADAPTERS, random_prompts, tokens_of
+from tests.engine.conftest import ADAPTERS, DEVICE, random_prompts, tokens_of
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
@@ -119,7 +119,7 @@ def test_logprobs_match_the_model_distribution(make_engine, base_model, seed):
     lps = [lp for o in out for lp in o.logprobs]
     ids = list(prompt)
     for lp in lps:
-        logits = base_model(torch.tensor([ids]))[0, -1].double().log_softmax(-1)
+        logits = base_model(torch.tensor([ids], device=DEVICE))[0, -1].double().log_softmax(-1)
         assert lp.token_id == int(logits.argmax())
         assert lp.logprob == pytest.approx(float(logits[lp.token_id]), abs=1e-4)
         assert [t for t, _ in lp.top] == logits.topk(3).indices.tolist()

@@ -100,6 +100,15 @@ def random_adapter_layers(args: ModelArgs, kind: AdapterKind, rank: int, gen: to
     return layers
 
 
+def _cast(w, dtype: torch.dtype):
+    """Adapters stored in the model's dtype, as a trainer would save them (half the bytes)."""
+    if isinstance(w, IA3Weights):
+        return IA3Weights(w.scale.to(dtype), w.feedforward)
+    if isinstance(w, LoraWeights):
+        return LoraWeights(w.A.to(dtype), w.B.to(dtype), w.alpha, w.use_rslora)
+    return FloraWeights(w.A.to(dtype), w.B.to(dtype))
+
+
 class Bench:
     """Owns the model, the adapter files and the runners for one configuration."""
 
@@ -117,9 +126,10 @@ class Bench:
         self.args, self.workload, self.device, self.dtype = args, workload, device, dtype
         self.methods, self.progress = method_list, progress
         self.config = EngineConfig(device=device, dtype=dtype)
-        with torch.device(device):
-            self.model = GPTBigCode(args).to(self.config.torch_dtype)
-        self.model.init_weights(seed=workload.seed).eval().requires_grad_(False)
+        with torch.device("meta"):  # allocate once, in the target dtype, on the device
+            model = GPTBigCode(args).to(self.config.torch_dtype)
+        self.model = model.to_empty(device=device).init_weights(seed=workload.seed)
+        self.model.eval().requires_grad_(False)
         max_rank = max([m.rank for m in method_list if m.kind] + [1])
         self.root = Path(tempfile.mkdtemp(prefix="flora-bench-"))
         per_token = 2 * args.n_layer * args.kv_heads * args.head_dim * self.model.dtype.itemsize
@@ -152,6 +162,7 @@ class Bench:
                 if name is None or name in made:
                     continue
                 layers = random_adapter_layers(self.args, m.kind, m.rank, gen)
+                layers = {k: _cast(w, self.model.dtype) for k, w in layers.items()}
                 save_adapter_dir(self.root / "adapters" / name, m.kind, layers)
                 made.add(name)
         self.progress(f"wrote {len(made)} adapters under {self.root / 'adapters'}")
