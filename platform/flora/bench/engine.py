@@ -251,7 +251,13 @@ class Result:
         return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_all(bench: Bench, rounds: int) -> list[Result]:
+def run_all(bench: Bench, rounds: int, warmup: int = 0) -> list[Result]:
+    """``warmup`` untimed rounds first: GPU kernels' first-use costs hit no method's figures."""
+    for i in range(warmup):
+        for m in bench.methods:
+            bench.progress(
+                f"warm-up {i + 1}/{warmup}  {m.name}: {bench.run(m).throughput:.0f} tok/s"
+            )
     results = {m.name: Result(m, []) for m in bench.methods}
     for i in range(rounds):
         for m in bench.methods:

@@ -28,6 +28,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     e.add_argument("--output-tokens", type=int, default=128)
     e.add_argument("--ranks", nargs="+", type=int, help="default: 1 2 4 8 16 (CPU)")
     e.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    e.add_argument("--warmup", type=int, help="untimed rounds first (default: 1 CUDA, 0 CPU)")
     e.add_argument("--no-baselines", action="store_true", help="skip PEFT and transformers runs")
     e.add_argument("--only", nargs="+", help="run only these methods (names as in the table)")
     e.add_argument("--latency-rate", type=float, default=0.0, help="Poisson arrivals/s (0: skip)")
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         method_list=chosen,
         budget_tokens=args.budget_tokens,
     )
-    results = bench_engine.run_all(bench, args.rounds)
+    warmup = args.warmup if args.warmup is not None else int(cuda)
+    results = bench_engine.run_all(bench, args.rounds, warmup)
     latency = []
     if args.latency_rate > 0:
         for m in chosen:
@@ -97,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         f"{workload.seed}), {workload.output_tokens} new tokens each (greedy, ignore_eos). Each "
         "adapter method gives every request a different adapter on `c_attn` except `same "
         "flora r1`. Median of "
-        f"{args.rounds} interleaved rounds, ± half the range between rounds.",
+        f"{args.rounds} interleaved rounds after {warmup} untimed, ± half the range between "
+        "rounds.",
     ]
     if latency:
         header.append(
