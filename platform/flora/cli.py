@@ -57,6 +57,45 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from flora.model.config import ModelArgs
+    from flora.train import tiny_model
+
+    options = {
+        "preset": args.preset,
+        "vocab_size": args.vocab_size,
+        "train_seconds": args.train_minutes * 60,
+        "languages": args.languages,
+        "seed": args.seed,
+    }
+    out = Path(args.out_dir)
+    try:
+        wanted = tiny_model.TinyModelOptions(**options).resolved()
+        if not args.force and tiny_model.read_record(out, wanted) is not None:
+            print(f"{out} already holds a model built with these options (--force rebuilds it)")
+        else:
+            shape = ModelArgs.preset(args.preset)
+            print(
+                f"building {args.preset} ({shape.n_layer} layers × {shape.n_embd}, "
+                f"vocab ≤ {wanted.vocab_size}) on {', '.join(args.languages or ['all languages'])} "
+                f"found here, {args.train_minutes:g} min of pre-training, seed {args.seed} → {out}"
+            )
+            tiny_model.make_tiny_model(out, **options)
+    except (ValueError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    record = tiny_model.read_record(out)
+    assert record is not None, f"{out} was just built or checked"
+    sample = record["sample"]
+    print(f"greedy sample: {sample['prompt'] + sample['completion']!r}")
+    print(
+        f"{out}: {record['parameters'] / 1e6:.2f}M params, vocab {record['vocab_size']}, "
+        f"held-out loss {record['final_loss']:.3f} (untrained {record['initial_loss']:.3f}), "
+        f"{len(record['languages'])} languages"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flora", description=__doc__)
     parser.add_argument("--version", action="version", version=f"flora {__version__}")
@@ -104,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(handler=_bench_kernels)
     bench_engine_cli.add_parser(bench_commands)
     generate_cli.add_parser(commands)
+    t = commands.add_parser(
+        "make-tiny-model",
+        help="build a small StarCoder-shaped checkpoint + tokenizer from code on this machine",
+        description="Collect source code found on this machine, train a byte-level BPE, "
+        "initialise (and optionally pre-train) a GPTBigCode model, and save both in HF format "
+        "for `flora` and transformers. Reuses OUT_DIR if it was built with the same options.",
+    )
+    t.add_argument("out_dir", metavar="OUT_DIR", help="where to write the model")
+    t.add_argument("--preset", choices=["tiny", "micro"], default="tiny", help="default: tiny")
+    t.add_argument("--vocab-size", type=int, help="BPE vocabulary (default: the preset's)")
+    t.add_argument(
+        "--train-minutes", type=float, default=0.0, help="pre-training budget (default 0)"
+    )
+    t.add_argument("--languages", nargs="+", help="corpus languages (default: all found here)")
+    t.add_argument("--seed", type=int, default=0, help="default 0")
+    t.add_argument("--force", action="store_true", help="rebuild even if OUT_DIR matches")
+    t.set_defaults(handler=_make_tiny_model)
     return parser
 
 

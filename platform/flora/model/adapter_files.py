@@ -34,6 +34,11 @@ _KEY = re.compile(
     r"flora_A\.weight|flora_B\.weight|ia3_l)$"
 )
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PARAMS = {
+    AdapterKind.LORA: ("lora_A.weight", "lora_B.weight"),
+    AdapterKind.FLORA: ("flora_A.weight", "flora_B.weight"),
+    AdapterKind.IA3: ("ia3_l",),
+}
 
 
 @dataclass
@@ -164,7 +169,10 @@ def _assemble(
 ) -> dict[str, AdapterWeights]:
     layers: dict[str, AdapterWeights] = {}
     modules = sorted({m for m, _ in raw})
-    feedforward = set(config.get("feedforward_modules") or [])
+    foreign = sorted(f"{m}.{p}" for m, p in raw if p not in _PARAMS[kind])
+    if foreign:
+        raise AdapterFileError(f"a {kind} adapter cannot hold {foreign[:3]}")
+    feedforward = config.get("feedforward_modules") or []
     for module in modules:
         target = module.split(".", 3)[3]
         n_in, n_out = _module_shape(args, target)
@@ -175,15 +183,20 @@ def _assemble(
             return raw[(module, param)].to(dtype)
 
         if kind is AdapterKind.LORA:
-            r = _pattern(config, "rank_pattern", module, int(config.get("r", 8)))
-            alpha = _pattern(config, "alpha_pattern", module, float(config.get("lora_alpha", r)))
+            r = _pattern(config, "rank_pattern", module, _number(config, "r", 8, int))
+            alpha = _pattern(
+                config, "alpha_pattern", module, _number(config, "lora_alpha", r, float)
+            )
             w: AdapterWeights = LoraWeights(
                 get("lora_A.weight"), get("lora_B.weight"), alpha, bool(config.get("use_rslora"))
             )
         elif kind is AdapterKind.FLORA:
             w = FloraWeights(get("flora_A.weight"), get("flora_B.weight"))
         else:
-            ff = any(module.endswith(t) for t in feedforward)
+            if isinstance(feedforward, str):  # PEFT: a string is a regex for the full name
+                ff = _regex(feedforward, "feedforward_modules").fullmatch(module) is not None
+            else:
+                ff = any(module.endswith(t) for t in feedforward)
             w = IA3Weights(get("ia3_l").flatten(), feedforward=ff)
         try:
             w.validate(n_in, n_out)
@@ -194,11 +207,26 @@ def _assemble(
 
 
 def _pattern(config: dict[str, Any], key: str, module: str, default: Any) -> Any:
-    """PEFT's per-module overrides (``rank_pattern``/``alpha_pattern``), matched by suffix."""
+    """PEFT's per-module overrides (``rank_pattern``/``alpha_pattern``): the first key that
+    matches as a regex for a dotted suffix of the module name (PEFT's ``get_pattern_key``)."""
     for pattern, value in (config.get(key) or {}).items():
-        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
-            return type(default)(value)
+        if _regex(rf"(.*\.)?({pattern})$", key).match(module):
+            return _number({key: value}, key, default, type(default))
     return default
+
+
+def _regex(pattern: str, key: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise AdapterFileError(f"{key}: invalid pattern {pattern!r}: {e}") from e
+
+
+def _number(config: dict[str, Any], key: str, default: Any, kind: type) -> Any:
+    try:
+        return kind(config.get(key, default))
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{key} must be a number, got {config.get(key)!r}") from e
 
 
 def save_adapter_dir(
@@ -237,7 +265,16 @@ def save_adapter_dir(
     elif kind is AdapterKind.LORA:
         first = next(iter(layers.values()))
         assert isinstance(first, LoraWeights)
+        if len({w.use_rslora for w in layers.values()}) > 1:  # type: ignore[union-attr]
+            raise ValueError("a LoRA adapter's layers must agree on use_rslora")
         config |= {"r": rank, "lora_alpha": first.alpha, "use_rslora": first.use_rslora}
+        # PEFT's per-module overrides, keyed by the full module name (a literal match)
+        config["rank_pattern"] = {m: w.rank for m, w in layers.items() if w.rank != rank}
+        config["alpha_pattern"] = {
+            m: w.alpha  # type: ignore[union-attr]
+            for m, w in layers.items()
+            if w.alpha != first.alpha  # type: ignore[union-attr]
+        }
         config |= {"bias": "none", "fan_in_fan_out": False}
     else:
         ff = sorted({m.split(".", 3)[3] for m, w in layers.items() if w.feedforward})  # type: ignore[union-attr]

@@ -64,6 +64,9 @@ def weight_files(directory: Path) -> list[Path]:
         names = sorted(set(index.get("weight_map", {}).values()))
         if not names:
             raise CheckpointError(f"{directory / INDEX} has an empty weight_map")
+        escaping = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
+        if escaping:
+            raise CheckpointError(f"{INDEX} names shards outside {directory}: {escaping[:3]}")
         files = [directory / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -94,11 +97,15 @@ def load_model(
         net = GPTBigCode(args)
     expected = {n: p.shape for n, p in net.named_parameters()}
     state: dict[str, torch.Tensor] = {}
+    lm_head: torch.Tensor | None = None
     for file in weight_files(directory):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if name == "lm_head.weight" or name.endswith(_IGNORED_SUFFIXES):
-                    continue  # lm_head is tied to wte
+                if name == "lm_head.weight":
+                    lm_head = f.get_tensor(name).to(device=device, dtype=dtype)
+                    continue  # checked below: our lm_head is tied to wte
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
                 if name not in expected:
                     raise CheckpointError(f"{file.name}: unexpected tensor {name!r}")
                 shape = tuple(f.get_slice(name).get_shape())
@@ -111,6 +118,12 @@ def load_model(
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"checkpoint {directory} lacks {len(missing)} tensors: {missing[:5]}")
+    if lm_head is not None and not torch.equal(lm_head, state["transformer.wte.weight"]):
+        # transformers would use it as is; dropping it would silently change the logits.
+        raise CheckpointError(
+            f"checkpoint {directory} has an lm_head.weight that differs from "
+            "transformer.wte.weight; untied output embeddings are not supported"
+        )
     net.load_state_dict(state, assign=True)
     return net.eval().requires_grad_(False)
 
