@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from adapter_registry import cli as registry_cli
 from flora import __version__, generate_cli
 from flora.bench import engine_cli as bench_engine_cli
 
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="default 0")
     t.add_argument("--force", action="store_true", help="rebuild even if OUT_DIR matches")
     t.set_defaults(handler=_make_tiny_model)
+    registry_cli.add_parsers(commands)
     return parser
 
 

@@ -1,0 +1,117 @@
+"""A standalone registry server: the router plus OpenAI-shaped errors and a body-size cap.
+
+``install_error_handlers`` and ``BodySizeLimit`` are public so the Serve ingress gives the
+same answers for the same mistakes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapter_registry.api import build_router, readiness
+from adapter_registry.errors import AdapterTooLarge, RegistryError
+from adapter_registry.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+def _error(
+    status: int, message: str, code: str, kind: str = "invalid_request_error"
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_message(errors: list) -> str:
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": {"message", "type", "code", "param"}}``; no 500 for bad input."""
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(_: Request, e: RegistryError) -> JSONResponse:
+        return JSONResponse(e.to_json(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        return _error(400, _validation_message(list(e.errors())), "invalid_request")
+
+    @app.exception_handler(ValidationError)
+    async def body_invalid(_: Request, e: ValidationError) -> JSONResponse:
+        return _error(400, _validation_message(e.errors()), "invalid_request")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return _error(e.status_code, str(e.detail), f"http_{e.status_code}", kind)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal error; it has been logged", "internal_error", "server_error")
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            response = _error(
+                413,
+                f"request body over {self.max_bytes} bytes (Content-Length {declared.decode()})",
+                "request_too_large",
+            )
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise AdapterTooLarge(f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def create_app(registry: Registry) -> FastAPI:
+    app = FastAPI(
+        title="FLoRA Serve adapter registry",
+        version="1",
+        description="Per-tenant LoRA / FLoRA / IA3 adapters for one StarCoder base model.",
+    )
+    install_error_handlers(app)
+    app.include_router(build_router(registry))
+    app.add_middleware(BodySizeLimit, max_bytes=registry.max_adapter_bytes + (1 << 20))
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(response: Response) -> dict[str, str]:
+        return readiness(registry, response)
+
+    app.state.registry = registry
+    return app

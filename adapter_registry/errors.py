@@ -1,0 +1,89 @@
+"""Typed registry errors, each carrying the HTTP status and a stable code the API returns.
+
+The API layer turns any :class:`RegistryError` into OpenAI-shaped error JSON; anything else is a
+bug and answers 500. Keeping the status here means the CLI, the client and the Serve ingress all
+agree on what a failure means.
+"""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base class: ``status`` is the HTTP status, ``code`` a machine-readable reason."""
+
+    status = 400
+    code = "invalid_request"
+    kind = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_json(self) -> dict:
+        """OpenAI's error shape, shared by every FLoRA Serve endpoint."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
+
+class InvalidName(RegistryError):
+    status = 400
+    code = "invalid_name"
+
+
+class InvalidAdapter(RegistryError):
+    """The files are not an adapter this registry accepts (format, shapes, values)."""
+
+    status = 422
+    code = "invalid_adapter"
+
+
+class AdapterTooLarge(RegistryError):
+    status = 413
+    code = "adapter_too_large"
+
+
+class NotFound(RegistryError):
+    """Also what a tenant sees for another tenant's adapter: existence is not disclosed."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(RegistryError):
+    status = 409
+    code = "conflict"
+
+
+class Unauthorized(RegistryError):
+    status = 401
+    code = "invalid_api_key"
+    kind = "authentication_error"
+
+
+class Forbidden(RegistryError):
+    status = 403
+    code = "forbidden"
+    kind = "permission_error"
+
+
+class Unavailable(RegistryError):
+    """A backing service (Redis, S3) is down; retrying later can succeed."""
+
+    status = 503
+    code = "backend_unavailable"
+    kind = "server_error"
+
+
+class IntegrityError(RegistryError):
+    """Downloaded bytes do not match the recorded sha256: never load them."""
+
+    status = 502
+    code = "integrity_error"
+    kind = "server_error"
