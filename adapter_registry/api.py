@@ -5,8 +5,8 @@ tenant's adapters (others answer 404, exactly like names that do not exist); the
 manages tenants and the public (global) adapters.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI must see the dependency types that
+# build_router defines locally, which string annotations would hide.
 import json
 from typing import Annotated, Any
 

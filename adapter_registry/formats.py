@@ -32,7 +32,8 @@ _PARAMS = {
     AdapterKind.FLORA: ("flora_A.weight", "flora_B.weight"),
     AdapterKind.IA3: ("ia3_l",),
 }
-_LITERAL = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){0,8}")
+_QUANTIFIED_GROUP = re.compile(r"\)[*+{]")
+_UNBOUNDED = re.compile(r"[*+]|\{\d*,\}")
 _UNSUPPORTED = {
     "use_dora": "DoRA adapters are not supported",
     "modules_to_save": "modules_to_save (fully trained layers) are not supported",
@@ -75,6 +76,7 @@ def validate_adapter(
     spec = catalog.get(model_name)
     _check_declared_targets(config.get("target_modules"))
     rank = _positive_int(config.get("r", 1 if kind is AdapterKind.IA3 else None), "r")
+    _patterns(config, "alpha_pattern")  # checked here; the engine applies it
     tensors = read_safetensors(weights, WEIGHTS_FILE)
     modules = _check_tensors(kind, config, rank, tensors, spec)
     alpha = None
@@ -181,22 +183,30 @@ def _check_tensors(
 
 
 def _module_rank(config: dict[str, Any], module: str, default: int) -> int:
-    """PEFT's ``rank_pattern``, for keys that name modules (the only ones PEFT itself writes).
-
-    Regex keys are refused rather than evaluated: a hostile pattern could backtrack for minutes.
-    """
-    pattern_map = config.get("rank_pattern") or {}
-    if not isinstance(pattern_map, dict):
-        raise InvalidAdapter(f"{CONFIG_FILE}: rank_pattern must be an object")
-    for key, value in pattern_map.items():
-        if not _LITERAL.fullmatch(key):
-            raise InvalidAdapter(
-                f"{CONFIG_FILE}: rank_pattern key {key[:80]!r} is a regex; the registry accepts "
-                "module names (e.g. 'transformer.h.0.attn.c_attn' or 'c_attn') only"
-            )
-        if module == key or module.endswith("." + key):
-            return _positive_int(value, f"rank_pattern[{key!r}]")
+    """PEFT's ``rank_pattern``: the first key matching a dotted suffix of the module name."""
+    for key, value in _patterns(config, "rank_pattern").items():
+        if key.fullmatch(module):
+            return _positive_int(value, f"rank_pattern[{key.pattern!r}]")
     return default
+
+
+def _patterns(config: dict[str, Any], field: str) -> dict[re.Pattern[str], Any]:
+    """PEFT's per-module override keys as compiled regexes, refusing ones that could backtrack
+    for minutes (the engine evaluates them too): long keys, quantified groups, or more than
+    two unbounded repeats."""
+    table = config.get(field) or {}
+    if not isinstance(table, dict):
+        raise InvalidAdapter(f"{CONFIG_FILE}: {field} must be an object")
+    compiled = {}
+    for key, value in table.items():
+        risky = len(key) > 200 or _QUANTIFIED_GROUP.search(key) or len(_UNBOUNDED.findall(key)) > 2
+        try:
+            if risky:
+                raise re.error("too complex to evaluate safely")
+            compiled[re.compile(rf"(.*\.)?({key})")] = value
+        except re.error as e:
+            raise InvalidAdapter(f"{CONFIG_FILE}: {field} key {key[:80]!r}: {e}") from e
+    return compiled
 
 
 def _positive_int(value: object, what: str) -> int:

@@ -287,9 +287,13 @@ class Registry:
         return records
 
     # --- replicas -----------------------------------------------------------------------------
-    def fetch(self, record: AdapterRecord, cache_dir: str | Path) -> Path:
-        """A local directory with the record's files, downloaded once and sha256-verified."""
-        final = Path(cache_dir) / record.tenant / record.name / str(record.version)
+    def fetch(self, record: AdapterRecord, dest: str | Path) -> Path:
+        """``dest`` holding the record's two files, downloaded once and sha256-verified.
+
+        Callers key ``dest`` by tenant, name and version (the engine's adapter cache does), so
+        an existing ``dest`` already holds exactly these verified bytes.
+        """
+        final = Path(dest)
         if (final / WEIGHTS_FILE).is_file():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,118 @@
+"""The engine's :class:`AdapterSource` backed by the adapter registry.
+
+* Refs are tenant-qualified (``acme/python-style`` @ ``3``): two tenants' adapters of the same
+  name can never share a cache entry or a bank slot.
+* Each request resolves its name against the index, so a new version serves the next request.
+  The last answer per (tenant, name) is remembered: while the index is unreachable, adapters
+  that were already being served keep serving (the registry's own writes answer 503).
+* :meth:`watch` subscribes to the registry's events: a deleted version is dropped from the
+  engine's caches at once; in-flight requests finish on the weights they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Protocol
+
+from adapter_registry import (
+    AdapterRecord,
+    AdapterStatus,
+    Event,
+    NotFound,
+    Principal,
+    Registry,
+    Unavailable,
+)
+from adapter_registry.index import Subscription
+from flora.engine.adapter_source import AdapterRef, UnknownAdapterError
+
+log = logging.getLogger(__name__)
+
+
+class Invalidates(Protocol):
+    def invalidate_adapter(self, name: str) -> None: ...
+
+
+class RegistryAdapterSource:
+    def __init__(self, registry: Registry, *, remember: int = 4096):
+        self.registry = registry
+        self._lock = threading.Lock()
+        self._by_name: OrderedDict[tuple[str, str], AdapterRecord] = OrderedDict()
+        self._by_ref: dict[AdapterRef, AdapterRecord] = {}
+        self._remember = remember
+
+    @staticmethod
+    def ref_of(record: AdapterRecord) -> AdapterRef:
+        return AdapterRef(f"{record.tenant}/{record.name}", str(record.version))
+
+    def resolve(self, name: str, tenant: str) -> AdapterRef:
+        """``name`` or ``name@version`` as ``tenant`` sees it (its own, then public adapters)."""
+        try:
+            record = self.registry.get(Principal(tenant), name)
+        except NotFound as e:
+            raise UnknownAdapterError(e.message) from e
+        except Unavailable:
+            with self._lock:
+                record = self._by_name.get((tenant, name))
+            if record is None:
+                raise
+            log.warning("registry unreachable: serving %s from the last resolution", record.id)
+        ref = self.ref_of(record)
+        with self._lock:
+            self._by_name[(tenant, name)] = record
+            self._by_name.move_to_end((tenant, name))
+            self._by_ref[ref] = record
+            while len(self._by_name) > self._remember:
+                self._by_name.popitem(last=False)
+        return ref
+
+    def fetch(self, ref: AdapterRef, cache_dir: Path) -> Path:
+        with self._lock:
+            record = self._by_ref.get(ref)
+        if record is None:
+            raise UnknownAdapterError(f"adapter {ref.label} was not resolved here")
+        return self.registry.fetch(record, cache_dir)
+
+    def forget(self, tenant: str, name: str) -> None:
+        """Drop remembered resolutions of ``tenant/name`` (all versions)."""
+        with self._lock:
+            for key in [
+                k for k, r in self._by_name.items() if (r.tenant, r.name) == (tenant, name)
+            ]:
+                del self._by_name[key]
+            for ref in [r for r in self._by_ref if r.name == f"{tenant}/{name}"]:
+                del self._by_ref[ref]
+
+    def watch(self, engine: Invalidates, cache_dir: Path | None = None) -> Subscription:
+        """Keep ``engine`` in step with the registry until the subscription is closed."""
+
+        def on_event(event: Event) -> None:
+            if event.type == "deleted":
+                self.forget(event.tenant, event.name)
+                if cache_dir is not None:
+                    path = Path(cache_dir) / event.tenant / event.name / str(event.version)
+                    shutil.rmtree(path, ignore_errors=True)
+                engine.invalidate_adapter(f"{event.tenant}/{event.name}")
+                log.info(
+                    "adapter %s/%s@%d deleted: dropped", event.tenant, event.name, event.version
+                )
+            elif event.type == "reset":  # events may have been missed: re-check what we hold
+                with self._lock:
+                    held = list(self._by_ref.values())
+                for record in held:
+                    if self._gone(record):
+                        self.forget(record.tenant, record.name)
+                        engine.invalidate_adapter(f"{record.tenant}/{record.name}")
+
+        return self.registry.subscribe(on_event)
+
+    def _gone(self, record: AdapterRecord) -> bool:
+        try:
+            now = self.registry.index.get(record.tenant, record.name, record.version)
+        except Unavailable:
+            return False  # cannot tell yet; the next reset asks again
+        return now is None or now.status is not AdapterStatus.READY
