@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint format bench-kernels bench-kernels-quick clean
+.PHONY: install test lint format bench-kernels bench-kernels-quick bench-engine clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-kernels: $(STAMP)
 
 bench-kernels-quick: $(STAMP)
 	$(BIN)/flora bench kernels --quick
+
+bench-engine: $(STAMP)
+	$(BIN)/flora bench engine --rounds 3 --latency-rate 8 --latency-requests 32
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
