@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter_registry.api import build_router, readiness
-from adapter_registry.errors import AdapterTooLarge, RegistryError
+from adapter_registry.errors import AdapterTooLarge, RegistryError, error_json
 from adapter_registry.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 def _error(
     status: int, message: str, code: str, kind: str = "invalid_request_error"
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_json(message, code, kind), status_code=status)
 
 
 def _validation_message(errors: list) -> str:

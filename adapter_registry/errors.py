@@ -8,6 +8,13 @@ agree on what a failure means.
 from __future__ import annotations
 
 
+def error_json(
+    message: str, code: str, kind: str = "invalid_request_error", param: str | None = None
+) -> dict:
+    """OpenAI's error shape, shared by every FLoRA Serve endpoint."""
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
+
+
 class RegistryError(Exception):
     """Base class: ``status`` is the HTTP status, ``code`` a machine-readable reason."""
 
@@ -21,15 +28,7 @@ class RegistryError(Exception):
         self.param = param
 
     def to_json(self) -> dict:
-        """OpenAI's error shape, shared by every FLoRA Serve endpoint."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "code": self.code,
-                "param": self.param,
-            }
-        }
+        return error_json(self.message, self.code, self.kind, self.param)
 
 
 class InvalidName(RegistryError):

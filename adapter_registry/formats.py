@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +101,7 @@ def parse_config(data: bytes) -> dict[str, Any]:
         )
     try:
         config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
@@ -165,8 +166,11 @@ def _check_tensors(
         n_in, n_out = spec.module_shape(module)
         expected_rank = _module_rank(config, where, rank)
         if kind is AdapterKind.IA3:
-            ok = params["ia3_l"] in ((n_out, 1), (1, n_in), (n_out,), (n_in,))
-            want = f"({n_out}, 1) or, for feedforward modules, (1, {n_in})"
+            # PEFT scales a feed-forward module's input, any other module's output
+            if _is_feedforward(config, where):
+                ok, want = params["ia3_l"] in ((1, n_in), (n_in,)), f"(1, {n_in}) (feed-forward)"
+            else:
+                ok, want = params["ia3_l"] in ((n_out, 1), (n_out,)), f"({n_out}, 1)"
             got = params["ia3_l"]
         else:
             a, b = _PARAMS[kind]
@@ -174,7 +178,9 @@ def _check_tensors(
             want = f"{a} ({expected_rank}, {n_in}) and {b} ({n_out}, {expected_rank})"
             ok = got == ((expected_rank, n_in), (n_out, expected_rank))
         if not ok:
-            hint = "" if kind is AdapterKind.IA3 else f" (r={expected_rank} in {CONFIG_FILE})"
+            hint = f" (r={expected_rank} in {CONFIG_FILE})"
+            if kind is AdapterKind.IA3:
+                hint = f" (feedforward_modules in {CONFIG_FILE})"
             raise InvalidAdapter(
                 f"{where} of {spec.name}: expected {want}{hint}, got {got}", param="weights"
             )
@@ -190,23 +196,37 @@ def _module_rank(config: dict[str, Any], module: str, default: int) -> int:
     return default
 
 
+def _is_feedforward(config: dict[str, Any], module: str) -> bool:
+    """PEFT's IA3 ``feedforward_modules``: a regex over the full module name, or suffixes."""
+    targets = config.get("feedforward_modules") or []
+    if isinstance(targets, str):
+        return _safe_regex(targets, "feedforward_modules").fullmatch(module) is not None
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise InvalidAdapter(f"{CONFIG_FILE}: feedforward_modules must be a list or a regex")
+    return any(module.endswith(t) for t in targets)
+
+
 def _patterns(config: dict[str, Any], field: str) -> dict[re.Pattern[str], Any]:
-    """PEFT's per-module override keys as compiled regexes, refusing ones that could backtrack
-    for minutes (the engine evaluates them too): long keys, quantified groups, or more than
-    two unbounded repeats."""
+    """PEFT's per-module override keys as compiled regexes (see ``_safe_regex``)."""
     table = config.get(field) or {}
     if not isinstance(table, dict):
         raise InvalidAdapter(f"{CONFIG_FILE}: {field} must be an object")
-    compiled = {}
-    for key, value in table.items():
-        risky = len(key) > 200 or _QUANTIFIED_GROUP.search(key) or len(_UNBOUNDED.findall(key)) > 2
-        try:
-            if risky:
-                raise re.error("too complex to evaluate safely")
-            compiled[re.compile(rf"(.*\.)?({key})")] = value
-        except re.error as e:
-            raise InvalidAdapter(f"{CONFIG_FILE}: {field} key {key[:80]!r}: {e}") from e
-    return compiled
+    return {_safe_regex(rf"(.*\.)?({key})", field, key): value for key, value in table.items()}
+
+
+def _safe_regex(pattern: str, field: str, shown: str | None = None) -> re.Pattern[str]:
+    """``pattern`` compiled, refusing ones that could backtrack for minutes (the engine
+    evaluates them too): long keys, quantified groups, or more than two unbounded repeats."""
+    shown = pattern if shown is None else shown
+    risky = (
+        len(shown) > 200 or _QUANTIFIED_GROUP.search(shown) or len(_UNBOUNDED.findall(shown)) > 2
+    )
+    try:
+        if risky:
+            raise re.error("too complex to evaluate safely")
+        return re.compile(pattern)
+    except re.error as e:
+        raise InvalidAdapter(f"{CONFIG_FILE}: {field} key {shown[:80]!r}: {e}") from e
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -216,6 +236,7 @@ def _positive_int(value: object, what: str) -> int:
 
 
 def _number(value: object, what: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
-        raise InvalidAdapter(f"{CONFIG_FILE}: {what} must be a number")
+    finite = isinstance(value, int | float) and abs(value) <= sys.float_info.max  # no NaN, inf
+    if not finite or isinstance(value, bool):
+        raise InvalidAdapter(f"{CONFIG_FILE}: {what} must be a finite number")
     return float(value)

@@ -184,6 +184,9 @@ class Registry:
 
     def _check_import(self, uri: str) -> None:
         bucket, key = parse_s3_uri(uri)
+        if any(part in (".", "..") for part in key.split("/")):
+            # a store that normalises dot segments would resolve them into another prefix
+            raise Forbidden("import URIs must not contain '.' or '..' segments", param="uri")
         own = isinstance(self.blobs, S3BlobStore) and bucket == self.blobs.bucket
         if own and (not self.blobs.prefix or (key + "/").startswith(self.blobs.prefix + "/")):
             # would let one tenant copy another's adapter through the registry's credentials

@@ -64,7 +64,7 @@ def _header(data: bytes, filename: str) -> tuple[dict, int]:
         )
     try:
         header = json.loads(data[8 : 8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InvalidAdapter(f"{filename} is not a valid safetensors file: {e}") from e
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{filename}: the safetensors header must be a JSON object")

@@ -20,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from adapter_registry.blobs.base import BlobStore
-from adapter_registry.errors import AdapterTooLarge, InvalidAdapter, NotFound, Unavailable
+from adapter_registry.errors import AdapterTooLarge, NotFound, RegistryError, Unavailable
 
 _MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 
@@ -29,7 +29,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix`` → ``("bucket", "some/prefix")`` (no trailing slash)."""
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise InvalidAdapter(f"{uri!r} is not an s3://bucket/prefix URI", param="uri")
+        raise RegistryError(f"{uri!r} is not an s3://bucket/prefix URI", param="uri")
     return parsed.netloc, parsed.path.strip("/")
 
 

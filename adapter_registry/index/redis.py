@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from adapter_registry.errors import Conflict, NotFound, Unavailable
@@ -69,6 +69,16 @@ class RedisIndex(Index):
             socket_connect_timeout=2,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            health_check_interval=15,
+        )
+        # pub/sub on its own client that never reconnects behind the subscription's back: a
+        # silent reconnect would re-subscribe without the "reset" that says events were missed
+        self.events_client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
             health_check_interval=15,
         )
         self._create_tenant = self.client.register_script(_CREATE_TENANT)
@@ -201,6 +211,7 @@ class RedisIndex(Index):
 
     def close(self) -> None:
         self.client.close()
+        self.events_client.close()
 
 
 class _RedisSubscription(Subscription):
@@ -218,7 +229,7 @@ class _RedisSubscription(Subscription):
         connected_before = False
         while not self._stop.is_set():
             try:
-                pubsub = self._index.client.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._index.events_client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(f"{self._index.ns}events")
                 if connected_before:
                     deliver(self._callback, Event(type="reset"))

@@ -7,6 +7,7 @@ demo's replicas run in their own Ray workers.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -37,8 +38,11 @@ POLL_SECONDS = 0.2
 class SqliteIndex(Index):
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Unavailable(f"cannot create the index directory {self.path.parent}: {e}") from e
+        with self._usable(), closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
 
@@ -49,19 +53,31 @@ class SqliteIndex(Index):
             raise Unavailable(f"cannot open the index at {self.path}: {e}") from e
 
     @contextmanager
+    def _usable(self) -> Iterator[None]:
+        """The file failing (locked past the timeout, I/O, not a database) is :class:`Unavailable`
+        (HTTP 503) like a Redis outage; other sqlite3 errors are bugs and stay as they are."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            if not isinstance(e, sqlite3.OperationalError) and type(e) is not sqlite3.DatabaseError:
+                raise
+            raise Unavailable(f"the adapter index at {self.path} is unusable: {e}") from e
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that takes the lock up front (no upgrade deadlocks)."""
-        with closing(self._connect()) as db:
+        with self._usable(), closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # may already be rolled back
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with closing(self._connect()) as db:
+        with self._usable(), closing(self._connect()) as db:
             return db.execute(sql, args).fetchall()
 
     # --- tenants and keys -------------------------------------------------------------------
@@ -172,7 +188,7 @@ class SqliteIndex(Index):
         return _PollingSubscription(self, callback, start)
 
     def ping(self) -> None:
-        self._query("SELECT 1")
+        self._query("SELECT COUNT(*) FROM sqlite_master")  # reads the file: "SELECT 1" does not
 
 
 class _PollingSubscription(Subscription):

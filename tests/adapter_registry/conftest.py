@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,8 @@ def registry(backend_name: str, tmp_path: Path, request: pytest.FixtureRequest) 
     return Registry(index, blobs, catalog, admin_key=ADMIN_KEY, max_adapter_bytes=MAX_BYTES)
 
 
-@pytest.fixture
-def server(registry: Registry) -> Iterator[str]:
+@contextmanager
+def serving(registry: Registry) -> Iterator[str]:
     """The registry API on a real uvicorn server in a thread; yields its base URL."""
     port = free_port()
     config = uvicorn.Config(create_app(registry), host="127.0.0.1", port=port, log_level="warning")
@@ -101,9 +102,17 @@ def server(registry: Registry) -> Iterator[str]:
     while not uv.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(registry: Registry) -> Iterator[str]:
+    with serving(registry) as url:
+        yield url
 
 
 @pytest.fixture

@@ -25,6 +25,15 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **kw)
 
 
+def step_until(engine, condition, timeout: float = 30.0) -> None:
+    """Step until ``condition()``; adapters load on threads, so idle steps sleep a little."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        if not engine.step():
+            time.sleep(0.001)
+
+
 def assert_idle(engine) -> None:
     stats = engine.stats()
     assert stats["running"] == stats["waiting"] == 0
@@ -40,9 +49,7 @@ def test_abort_frees_kv_and_slot_at_once(make_engine, seed):
         Request(prompt_ids=prompts[0], params=greedy(50), adapter="lora-r4", request_id="a")
     )
     engine.add_request(Request(prompt_ids=prompts[1], params=greedy(5), request_id="b"))
-    while engine.stats()["running"] < 2:
-        engine.step()
-    engine.step()
+    step_until(engine, lambda: engine.sequences["a"].num_computed > 0)  # "a" has KV now
     assert engine.stats()["kv_blocks_free"] < engine.allocator.num_blocks
     out = engine.abort("a")
     assert out is not None and out.finished and out.finish_reason is FinishReason.ABORT
