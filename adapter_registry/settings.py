@@ -90,10 +90,17 @@ class RegistrySettings(BaseModel):
         path = self.admin_key_path
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            staging = path.with_name(f".admin.key.{os.getpid()}")
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write("flr_admin_" + secrets.token_urlsafe(32) + "\n")
-            log.warning("FLORA_ADMIN_KEY is unset: generated an admin key in %s", path)
+            try:  # atomic and first-writer-wins: processes starting together agree on one key
+                os.link(staging, path)
+                log.warning("FLORA_ADMIN_KEY is unset: generated an admin key in %s", path)
+            except FileExistsError:
+                pass
+            finally:
+                staging.unlink()
         return path.read_text().strip()
 
     @property

@@ -11,6 +11,7 @@ from pathlib import Path
 from adapter_registry import cli as registry_cli
 from flora import __version__, generate_cli
 from flora.bench import engine_cli as bench_engine_cli
+from flora.bench import serve_cli as bench_serve_cli
 
 QUICK = {"shapes": ["1b"], "tokens": [64, 512], "adapters": ["32"], "ranks": [1, 4, 16]}
 FULL = {
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--name", help="file stem (default: kernels, or kernels-cuda)")
     k.set_defaults(handler=_bench_kernels)
     bench_engine_cli.add_parser(bench_commands)
+    bench_serve_cli.add_parser(bench_commands)
     generate_cli.add_parser(commands)
     t = commands.add_parser(
         "make-tiny-model",

@@ -21,6 +21,7 @@ from flora.engine.adapter_cache import AdapterCache
 from flora.engine.adapter_source import AdapterSource, LocalAdapterSource, UnknownAdapterError
 from flora.engine.blocks import BlockAllocator
 from flora.engine.config import EngineConfig
+from flora.engine.counters import StepCounters
 from flora.engine.request import FinishReason, Request, RequestOutput, Usage
 from flora.engine.sampling import logprobs_of, sample
 from flora.engine.scheduler import Scheduler, SchedulerOutput
@@ -109,6 +110,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
         self.sequences: dict[str, Sequence] = {}
+        self.counters = StepCounters()
         self.wake_callback = lambda: None
         log.info(
             "engine ready: %s on %s %s, %d KV blocks × %d tokens (%.0f MiB), %d adapter slots",
@@ -228,6 +230,7 @@ class LLMEngine:
         outputs = [self._finish(seq, FinishReason.ERROR, msg) for seq, msg in plan.failed]
         if not plan.chunks:
             return outputs
+        self.counters.record_step(plan)
         try:
             logits = self._forward(plan)
         except Exception as e:  # a bug or device error fails this step's requests, not the engine
@@ -333,7 +336,8 @@ class LLMEngine:
     # --- introspection ---------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        return {
+        cache = self.adapters.stats if self.adapters else None
+        return self.counters.as_dict(cache) | {
             "running": len(self.scheduler.running),
             "waiting": self.scheduler.num_waiting(),
             "kv_blocks_free": self.allocator.num_free,

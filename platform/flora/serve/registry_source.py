@@ -28,6 +28,7 @@ from adapter_registry import (
     Unavailable,
 )
 from adapter_registry.index import Subscription
+from adapter_registry.names import GLOBAL
 from flora.engine.adapter_source import AdapterRef, UnknownAdapterError
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,14 @@ class RegistryAdapterSource:
         return AdapterRef(f"{record.tenant}/{record.name}", str(record.version))
 
     def resolve(self, name: str, tenant: str) -> AdapterRef:
-        """``name`` or ``name@version`` as ``tenant`` sees it (its own, then public adapters)."""
+        """``name`` or ``name@version`` as ``tenant`` sees it (its own, then public adapters),
+        or a record id ``scope/name@version`` whose scope is ``tenant`` or the public one."""
+        scope, _, bare = name.rpartition("/")
+        if scope and scope not in (tenant, GLOBAL):
+            raise UnknownAdapterError(f"unknown adapter {bare!r}")  # another tenant's: not found
+        who = Principal(None if scope == GLOBAL else tenant)
         try:
-            record = self.registry.get(Principal(tenant), name)
+            record = self.registry.get(who, bare, allow_global=not scope)
         except NotFound as e:
             raise UnknownAdapterError(e.message) from e
         except Unavailable:

@@ -1,0 +1,42 @@
+"""Backends for the ingress: the replicas behind a Ray Serve handle, or one in-process engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from flora.serve.replica import ReplicaCore
+
+
+class LocalBackend:
+    """One :class:`ReplicaCore` in this process (tests, scripts, single-process serving)."""
+
+    def __init__(self, core: ReplicaCore):
+        self.core = core
+
+    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self.core.generate(payload)
+
+    async def model_info(self) -> dict[str, Any]:
+        return self.core.model_info()
+
+
+class RayBackend:
+    """The ``StarCoderReplica`` deployment; the request router picks the replica."""
+
+    def __init__(self, handle: Any):  # a ray.serve DeploymentHandle
+        self.handle = handle
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        response = self.handle.options(stream=True).generate.remote(payload)
+        finished = False
+        try:
+            async for chunk in response:
+                yield chunk
+            finished = True
+        finally:
+            if not finished:  # the client left: stop the replica's generator (frees its KV)
+                response.cancel()
+
+    async def model_info(self) -> dict[str, Any]:
+        return await self.handle.model_info.remote()

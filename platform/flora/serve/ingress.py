@@ -1,0 +1,362 @@
+"""The HTTP front door: OpenAI-compatible completions for every tenant, the registry's REST API,
+health and metrics. Runs inside the Serve ingress deployment, or in-process over any backend.
+
+Every request from every tenant goes to the same replicas; the adapter travels in the request
+body (``adapter``), never as a multiplexing key, so the engine batches across tenants.
+``model`` selects what serves a request:
+
+* the served model's name (``/v1/models`` lists it) or ``auto``: the registry resolves the
+  tenant's adapter from ``user`` and ``language`` (given, or inferred from the prompt), else base;
+* ``base``: the base model, no adapter;
+* ``name``, ``name@version`` or ``base:name``: that adapter (the tenant's own, else a public one).
+
+Response headers ``x-flora-adapter`` and ``x-flora-adapter-reason`` say what served it and why.
+"""
+
+# No ``from __future__ import annotations``: FastAPI must see the locally defined dependencies.
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from adapter_registry import BaseModelSpec, Forbidden, NotFound, Principal, Registry, RegistryError
+from adapter_registry.api import build_router, readiness
+from adapter_registry.app import BodySizeLimit, install_error_handlers
+from adapter_registry.errors import error_json
+from adapter_registry.names import check_optional
+from flora.serve.config import ServeArgs
+from flora.serve.limits import TenantLimiter, TooManyRequests
+from flora.serve.metrics import ServeMetrics
+from flora.serve.openai_types import ChatCompletionRequest, CompletionRequest
+from flora.serve.prompting import CHAT_STOP, chat_text, infer_language, render_chat
+from flora.serve.responses import Reply, sse
+
+log = logging.getLogger(__name__)
+_bearer = HTTPBearer(auto_error=False, description="a tenant API key")
+
+
+class Backend(Protocol):
+    """Where generation happens: the replicas behind a Ray handle, or an in-process engine."""
+
+    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def model_info(self) -> dict[str, Any]: ...
+
+
+class Served:
+    """The model behind the backend, learned from a replica on first use."""
+
+    def __init__(self, backend: Backend, registry: Registry):
+        self.backend, self.registry = backend, registry
+        self.info: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> dict[str, Any]:
+        async with self._lock:
+            if self.info is None:
+                info = await self.backend.model_info()
+                # adapters for the served model validate against its shapes
+                self.registry.catalog.add(
+                    BaseModelSpec.from_hf_config(info["name"], info["config"])
+                )
+                self.info = info
+        return self.info
+
+
+class Generation:
+    """Turns one OpenAI request into an engine payload, then into an HTTP response."""
+
+    def __init__(self, app_state: "IngressState", tenant: str, endpoint: str):
+        self.state, self.tenant, self.endpoint = app_state, tenant, endpoint
+
+    async def run(self, body: CompletionRequest | ChatCompletionRequest) -> Response:
+        state = self.state
+        info = await state.served.get()
+        if body.max_tokens is not None and body.max_tokens >= info["max_model_len"]:
+            raise RegistryError(
+                f"max_tokens {body.max_tokens} is over this model's context "
+                f"({info['max_model_len']} tokens)",
+                param="max_tokens",
+            )
+        chat = isinstance(body, ChatCompletionRequest)
+        prompt = render_chat(body.messages) if chat else body.text
+        code = chat_text(body.messages) if chat else (body.text or "")
+        adapter, rule, reason = await self._resolve(body, info["name"], code)
+        stops = body.stops + ([CHAT_STOP] if chat else [])
+        logprobs = (body.top_logprobs or 0) if chat and body.logprobs else None
+        if not chat:
+            logprobs = body.logprobs
+        payload = {
+            "prompt": prompt,
+            "prompt_ids": None if chat else body.token_ids,
+            "params": {
+                "max_tokens": body.max_tokens or state.args.max_tokens_default,
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "top_k": body.top_k,
+                "seed": body.seed,
+                "stop": stops,
+                "logprobs": logprobs,
+            },
+            "adapter": adapter.id if adapter else None,
+            "tenant": self.tenant,
+            "request_id": f"{self.tenant}-{uuid.uuid4().hex[:16]}",
+        }
+        label = adapter.label if adapter else info["name"]
+        headers = {"x-flora-adapter": adapter.label if adapter else "base"}
+        headers["x-flora-adapter-reason"] = reason
+        state.metrics.adapter_used(adapter.id if adapter else None, rule)
+        reply = Reply(model=label, chat=chat, want_logprobs=logprobs is not None)
+        try:
+            state.limiter.acquire(self.tenant)
+        except TooManyRequests as e:
+            state.metrics.request_done(self.tenant, self.endpoint, 429)
+            retry = {"Retry-After": str(e.retry_after)}
+            return _error_response(429, e.message, "rate_limited", retry)
+        state.metrics.in_flight.inc()
+        try:
+            stream = state.backend.stream(payload)
+            first = await anext(stream)
+        except BaseException:
+            self._done(None, 500)
+            raise
+        if first.get("error") and isinstance(first["error"], dict):
+            await stream.aclose()
+            self._done(None, first["error"]["status"])
+            error = first["error"]
+            return _error_response(error["status"], error["message"], error["code"], headers)
+        if body.stream:
+            return StreamingResponse(
+                self._events(reply, first, stream),
+                media_type="text/event-stream",
+                headers=headers | {"Cache-Control": "no-cache"},
+            )
+        status = 200
+        try:
+            async with asyncio.timeout(state.args.request_timeout_s):
+                chunk = first
+                while True:
+                    reply.add(chunk)
+                    if chunk.get("error"):
+                        status = 500
+                        return _error_response(500, chunk["error"], "engine_error", headers)
+                    if "stats" in chunk:
+                        state.metrics.replica_stats(chunk["stats"]["replica"], chunk["stats"])
+                    if chunk["finish_reason"]:
+                        break
+                    chunk = await anext(stream)
+        except TimeoutError:
+            status = 504
+            message = f"the request ran past {state.args.request_timeout_s:g}s and was cancelled"
+            return _error_response(504, message, "timeout", headers)
+        finally:
+            await stream.aclose()
+            self._done(reply, status)
+        return JSONResponse(reply.body(), headers=headers)
+
+    async def _events(
+        self, reply: Reply, first: dict[str, Any], stream: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[str]:
+        """SSE events; leaving early (a client that disconnects) cancels the engine request."""
+        try:
+            chunk, is_first = first, True
+            while True:
+                reply.add(chunk)
+                if chunk.get("error"):
+                    yield sse(error_json(chunk["error"], "engine_error", "server_error"))
+                    break
+                yield reply.event(chunk, is_first)
+                is_first = False
+                if "stats" in chunk:
+                    self.state.metrics.replica_stats(chunk["stats"]["replica"], chunk["stats"])
+                if chunk["finish_reason"]:
+                    break
+                chunk = await anext(stream)
+            yield sse("[DONE]")
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+            self._done(reply)
+
+    def _done(self, reply: Reply | None, status: int = 200) -> None:
+        """Release the tenant's slot and record the outcome (exactly once per admitted request)."""
+        state = self.state
+        state.limiter.release(self.tenant)
+        state.metrics.in_flight.dec()
+        state.metrics.request_done(self.tenant, self.endpoint, status)
+        if reply is not None:
+            ttft = reply.first_token_at - reply.started if reply.first_token_at else None
+            state.metrics.generation(
+                self.tenant,
+                reply.prompt_tokens,
+                reply.completion_tokens,
+                ttft,
+                reply.time_per_token,
+            )
+
+    async def _resolve(self, body: Any, served_name: str, code: str) -> tuple[Any, str, str]:
+        """``(record or None, rule, reason)`` for the request's ``model``."""
+        model = body.model
+        principal = Principal(self.tenant)
+        registry = self.state.registry
+        call = asyncio.to_thread
+        check_optional(body.user, "user")  # bad names are 400s whatever the model
+        check_optional(body.language, "language")
+        if model == "base":
+            return None, "base", "base model: requested"
+        if model in (served_name, "auto", ""):
+            language = body.language or infer_language(code)
+            resolution = await call(registry.resolve, principal, user=body.user, language=language)
+            return resolution.adapter, resolution.rule, resolution.reason
+        name = model.removeprefix("base:")
+        try:
+            record = await call(registry.get, principal, name)
+        except (NotFound, RegistryError) as e:
+            if isinstance(e, NotFound) or e.code == "invalid_name":
+                raise NotFound(
+                    f"the model {model!r} does not exist; GET /v1/models lists what you can use",
+                    param="model",
+                ) from e
+            raise
+        return record, "explicit", f"{record.label}: named in the request"
+
+
+class IngressState:
+    def __init__(self, registry: Registry, backend: Backend, args: ServeArgs):
+        self.registry, self.backend, self.args = registry, backend, args
+        self.served = Served(backend, registry)
+        self.metrics = ServeMetrics()
+        self.limiter = TenantLimiter(args.limits)
+
+
+def _error_response(
+    status: int, message: str, code: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 429:
+        kind = "rate_limit_error"
+    return JSONResponse(error_json(message, code, kind), status_code=status, headers=headers)
+
+
+def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> FastAPI:
+    """The whole HTTP API over ``backend``."""
+    state = IngressState(registry, backend, args)
+    app = FastAPI(
+        title="FLoRA Serve",
+        version="1",
+        description="OpenAI-compatible completions where every request runs through its "
+        "tenant's own adapter, batched together with every other tenant's.",
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=registry.max_adapter_bytes + (1 << 20))
+    app.include_router(build_router(registry))
+    app.state.ingress = state
+
+    @app.middleware("http")
+    async def know_the_model(request: Request, call_next: Any) -> Response:
+        """Uploads validate against the served model's shapes: learn them first."""
+        if request.method == "POST" and request.url.path == "/v1/adapters":
+            with contextlib.suppress(Exception):  # no replica yet: the upload says so (422)
+                async with asyncio.timeout(30):
+                    await state.served.get()
+        return await call_next(request)
+
+    def tenant_of(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> str:
+        principal = registry.authenticate(credentials.credentials if credentials else None)
+        if principal.is_admin:
+            raise Forbidden("completions need a tenant's API key, not the admin key")
+        return principal.tenant
+
+    Tenant = Annotated[str, Depends(tenant_of)]
+
+    def path_tenant(tenant: str, caller: Tenant) -> str:
+        if tenant != caller:
+            raise Forbidden(f"this API key does not belong to tenant {tenant!r}")
+        return caller
+
+    PathTenant = Annotated[str, Depends(path_tenant)]
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(body: CompletionRequest, tenant: Tenant) -> Response:
+        return await Generation(state, tenant, "completions").run(body)
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat(body: ChatCompletionRequest, tenant: Tenant) -> Response:
+        return await Generation(state, tenant, "chat").run(body)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models(tenant: Tenant) -> dict[str, Any]:
+        return await _models(state, tenant)
+
+    @app.post("/tenants/{tenant}/v1/completions", tags=["per-tenant"])
+    async def tenant_completions(body: CompletionRequest, tenant: PathTenant) -> Response:
+        return await Generation(state, tenant, "completions").run(body)
+
+    @app.post("/tenants/{tenant}/v1/chat/completions", tags=["per-tenant"])
+    async def tenant_chat(body: ChatCompletionRequest, tenant: PathTenant) -> Response:
+        return await Generation(state, tenant, "chat").run(body)
+
+    @app.get("/tenants/{tenant}/v1/models", tags=["per-tenant"])
+    async def tenant_models(tenant: PathTenant) -> dict[str, Any]:
+        return await _models(state, tenant)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(response: Response) -> dict[str, str]:
+        status = await asyncio.to_thread(readiness, registry, response)
+        try:
+            async with asyncio.timeout(10):
+                status["model"] = (await state.served.get())["name"]
+        except Exception as e:  # no replica yet, or it failed to start
+            status["model"] = f"not ready: {type(e).__name__}: {e}"[:300]
+            response.status_code = 503
+        return status
+
+    @app.get("/metrics", tags=["health"])
+    def metrics(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Response:
+        """Prometheus metrics (their labels name tenants, so they need the admin key)."""
+        if not registry.authenticate(credentials.credentials if credentials else None).is_admin:
+            raise Forbidden("metrics need the admin key")
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _models(state: IngressState, tenant: str) -> dict[str, Any]:
+    info = await state.served.get()
+    created = int(time.time())
+    data: list[dict[str, Any]] = [
+        {"id": info["name"], "object": "model", "created": created, "owned_by": "flora-serve"},
+        {"id": "base", "object": "model", "created": created, "owned_by": "flora-serve"},
+    ]
+    records = await asyncio.to_thread(state.registry.list, Principal(tenant), include_global=True)
+    for r in records:
+        data.append(
+            {
+                "id": r.name,
+                "object": "model",
+                "created": int(r.created_at),
+                "owned_by": tenant if r.tenant == tenant else "public",
+                "parent": info["name"],
+                "version": r.version,
+                "kind": r.kind.value,
+                "rank": r.rank,
+                "language": r.language,
+                "user": r.user,
+            }
+        )
+    return {"object": "list", "data": data}
