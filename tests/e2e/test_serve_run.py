@@ -65,7 +65,7 @@ class Case:
         if self.chat:  # the server's chat template and stop string, written out independently
             prompt, stop = f"### User:\n{self.text}\n\n### Assistant:\n", ("\n### User:",)
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, stop=stop)
-        adapter = None if self.model != "ia3" else f"{self.tenant}-{self.model}"
+        adapter = None if self.model == "base" else f"{self.tenant}-{self.model}"
         return Request(prompt=prompt, params=params, adapter=adapter, tenant=self.tenant)
 
 
