@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
-import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from safetensors.numpy import save_file
 
 from adapter_registry import BaseModelCatalog, BaseModelSpec, Registry
@@ -24,7 +21,7 @@ from adapter_registry.blobs import LocalBlobStore, S3BlobStore
 from adapter_registry.client import RegistryClient
 from adapter_registry.index.redis import RedisIndex
 from adapter_registry.index.sqlite import SqliteIndex
-from tests.servers import RedisServer, S3Server, free_port
+from tests.servers import RedisServer, S3Server, http_server
 
 ADMIN_KEY = "flr_admin_test-key"
 MAX_BYTES = 1 << 20
@@ -90,23 +87,9 @@ def registry(backend_name: str, tmp_path: Path, request: pytest.FixtureRequest) 
     return Registry(index, blobs, catalog, admin_key=ADMIN_KEY, max_adapter_bytes=MAX_BYTES)
 
 
-@contextmanager
-def serving(registry: Registry) -> Iterator[str]:
+def serving(registry: Registry) -> AbstractContextManager[str]:
     """The registry API on a real uvicorn server in a thread; yields its base URL."""
-    port = free_port()
-    config = uvicorn.Config(create_app(registry), host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
+    return http_server(create_app(registry))
 
 
 @pytest.fixture

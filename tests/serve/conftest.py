@@ -6,14 +6,12 @@ and adapters are created through the API itself. tests/e2e runs the same API und
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import torch
-import uvicorn
 
 from adapter_registry import BaseModelCatalog, Registry
 from adapter_registry.blobs import LocalBlobStore
@@ -26,7 +24,7 @@ from flora.serve.config import LimitsConfig, ServeArgs
 from flora.serve.ingress import build_ingress_app
 from flora.serve.replica import ReplicaCore
 from flora.train import make_tiny_model
-from tests.servers import free_port
+from tests.servers import http_server
 
 ADMIN_KEY = "flr_admin_serve-tests"
 MODEL_NAME = "test/micro"
@@ -63,20 +61,6 @@ def random_adapter_dir(
     return save_adapter_dir(out, kind, layers, base_model=base_model)
 
 
-def serve_in_thread(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=30)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
 class Stack:
     """Registry + one replica + the ingress on a real HTTP port."""
 
@@ -96,15 +80,15 @@ class Stack:
         )
         self.core = ReplicaCore(self.args, self.registry)
         app = build_ingress_app(self.registry, LocalBackend(self.core), self.args)
-        self.server, self.thread, self.url = serve_in_thread(app)
+        self._exit = ExitStack()
+        self.url = self._exit.enter_context(http_server(app))
         self.model_args = ModelArgs.from_dir(model_dir)
 
     def client(self, key: str) -> RegistryClient:
         return RegistryClient(self.url, key)
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self._exit.close()
         self.core.shutdown()
 
 

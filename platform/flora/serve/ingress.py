@@ -285,29 +285,23 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
 
     PathTenant = Annotated[str, Depends(path_tenant)]
 
-    @app.post("/v1/completions", tags=["openai"])
-    async def completions(body: CompletionRequest, tenant: Tenant) -> Response:
-        return await Generation(state, tenant, "completions").run(body)
+    def openai_routes(prefix: str, caller: Any, tag: str) -> None:
+        """The OpenAI routes under ``prefix``; ``caller`` resolves the tenant."""
 
-    @app.post("/v1/chat/completions", tags=["openai"])
-    async def chat(body: ChatCompletionRequest, tenant: Tenant) -> Response:
-        return await Generation(state, tenant, "chat").run(body)
+        @app.post(f"{prefix}/v1/completions", tags=[tag])
+        async def completions(body: CompletionRequest, tenant: caller) -> Response:
+            return await Generation(state, tenant, "completions").run(body)
 
-    @app.get("/v1/models", tags=["openai"])
-    async def models(tenant: Tenant) -> dict[str, Any]:
-        return await _models(state, tenant)
+        @app.post(f"{prefix}/v1/chat/completions", tags=[tag])
+        async def chat(body: ChatCompletionRequest, tenant: caller) -> Response:
+            return await Generation(state, tenant, "chat").run(body)
 
-    @app.post("/tenants/{tenant}/v1/completions", tags=["per-tenant"])
-    async def tenant_completions(body: CompletionRequest, tenant: PathTenant) -> Response:
-        return await Generation(state, tenant, "completions").run(body)
+        @app.get(f"{prefix}/v1/models", tags=[tag])
+        async def models(tenant: caller) -> dict[str, Any]:
+            return await _models(state, tenant)
 
-    @app.post("/tenants/{tenant}/v1/chat/completions", tags=["per-tenant"])
-    async def tenant_chat(body: ChatCompletionRequest, tenant: PathTenant) -> Response:
-        return await Generation(state, tenant, "chat").run(body)
-
-    @app.get("/tenants/{tenant}/v1/models", tags=["per-tenant"])
-    async def tenant_models(tenant: PathTenant) -> dict[str, Any]:
-        return await _models(state, tenant)
+    openai_routes("", Tenant, "openai")
+    openai_routes("/tenants/{tenant}", PathTenant, "per-tenant")
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
