@@ -26,7 +26,15 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from adapter_registry import BaseModelSpec, Forbidden, NotFound, Principal, Registry, RegistryError
+from adapter_registry import (
+    BaseModelSpec,
+    Forbidden,
+    NotFound,
+    Principal,
+    Registry,
+    RegistryError,
+    Unavailable,
+)
 from adapter_registry.api import build_router, readiness
 from adapter_registry.app import BodySizeLimit, install_error_handlers
 from adapter_registry.errors import error_json
@@ -78,7 +86,10 @@ class Generation:
 
     async def run(self, body: CompletionRequest | ChatCompletionRequest) -> Response:
         state = self.state
-        info = await state.served.get()
+        try:
+            info = await state.served.get()
+        except Exception as e:  # no replica has come up (yet)
+            raise Unavailable(f"the model is not ready yet ({type(e).__name__}); retry") from e
         if body.max_tokens is not None and body.max_tokens >= info["max_model_len"]:
             raise RegistryError(
                 f"max_tokens {body.max_tokens} is over this model's context "
