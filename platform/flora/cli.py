@@ -12,6 +12,7 @@ from adapter_registry import cli as registry_cli
 from flora import __version__, generate_cli
 from flora.bench import engine_cli as bench_engine_cli
 from flora.bench import serve_cli as bench_serve_cli
+from flora.k8s import cli as k8s_cli
 
 QUICK = {"shapes": ["1b"], "tokens": [64, 512], "adapters": ["32"], "ranks": [1, 4, 16]}
 FULL = {
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="rebuild even if OUT_DIR matches")
     t.set_defaults(handler=_make_tiny_model)
     registry_cli.add_parsers(commands)
+    k8s_cli.add_parser(commands)
     return parser
 
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -31,7 +32,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.servers import free_port
+from tests.servers import RedisServer, S3Server, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deployments" / "starcoder.yaml"
@@ -47,11 +48,25 @@ def serve_binary() -> str:
     return found
 
 
+def _default_sigint() -> None:
+    """Ctrl-C must reach `serve run` even when pytest runs where SIGINT is ignored (a background
+    job of a script): an ignored SIGINT is inherited, and Python then never raises
+    KeyboardInterrupt, so `serve run` would not shut its cluster down."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ServeRun:
     """One ``serve run`` process and the local Ray cluster it starts."""
 
-    def __init__(self, workdir: Path, cache_dir: Path, config: Path = CONFIG):
+    def __init__(
+        self,
+        workdir: Path,
+        cache_dir: Path,
+        config: Path = CONFIG,
+        extra_env: dict[str, str] | None = None,
+    ):
         self.workdir, self.cache_dir = workdir, cache_dir
+        self.extra_env = extra_env or {}
         self.config = yaml.safe_load(config.read_text())
         self.app_args: dict = self.config["applications"][0]["args"]
         self.port = free_port()
@@ -59,6 +74,7 @@ class ServeRun:
         self.ray_tmp = tempfile.mkdtemp(prefix="flora-e2e-")  # short: Ray's sockets live here
         self.log_path = workdir / "serve-run.log"
         self.process: subprocess.Popen | None = None
+        self.escalated = False  # Ctrl-C was not enough to stop it
 
     @property
     def model_dir(self) -> Path:
@@ -80,6 +96,7 @@ class ServeRun:
             "FLORA_DATA_DIR": str(self.workdir / "data"),
             "FLORA_CACHE_DIR": str(self.cache_dir),
         }
+        env |= self.extra_env
         log = open(self.log_path, "wb")  # noqa: SIM115 (lives with the process)
         self.process = subprocess.Popen(
             [serve_binary(), "run", str(config_path)],
@@ -88,6 +105,7 @@ class ServeRun:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C of pytest reaches it only through stop()
+            preexec_fn=_default_sigint,
         )
         log.close()
         self._wait_ready()
@@ -140,11 +158,16 @@ class ServeRun:
         it (killed here, by pid), so the caller can fail on them."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+            for then in (self.process.terminate, self.process.kill, None):
+                try:
+                    self.process.wait(timeout=timeout)
+                    break
+                except subprocess.TimeoutExpired:
+                    if then is None:
+                        raise
+                    self.escalated = True
+                    then()  # Ray's own processes share its fate
+                    timeout = 20
         deadline = time.monotonic() + 30
         left = self.session_processes()
         while left and time.monotonic() < deadline:
@@ -161,13 +184,54 @@ class ServeRun:
         return names
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeRun]:
-    """FLoRA Serve under `serve run`, ready (GET /readyz == 200); stopped with Ctrl-C after."""
+@contextmanager
+def production_backends(workdir: Path) -> Iterator[dict[str, str]]:
+    """A real redis-server and an S3-compatible server (moto), as the GPU yaml expects them:
+    the environment `serve run` gets to use them instead of the embedded registry."""
+    import boto3
+
+    redis_server = RedisServer(workdir / "redis").start()
+    s3_server = S3Server(workdir / "s3").start()
+    try:
+        aws = {
+            "AWS_ENDPOINT_URL": s3_server.url,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=s3_server.url,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="flora-e2e")
+        yield aws | {
+            "FLORA_REDIS_URL": redis_server.url,
+            "FLORA_STORE_URL": "s3://flora-e2e/adapters",
+        }
+    finally:
+        s3_server.stop()
+        redis_server.stop()
+
+
+@pytest.fixture(scope="module", params=["embedded", "redis+s3"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServeRun]:
+    """FLoRA Serve under `serve run`, ready (GET /readyz == 200); stopped with Ctrl-C after.
+    Runs twice: on the embedded registry, and on a real redis-server + S3-compatible server."""
     workdir = tmp_path_factory.mktemp("serve-run")
     cache = os.environ.get("FLORA_CACHE_DIR")  # CI keeps the tiny model between runs
     cache_dir = Path(cache) if cache else tmp_path_factory.mktemp("flora-cache")
-    run = ServeRun(workdir, cache_dir).start()
-    yield run
-    left = run.stop()
+    with ExitStack() as stack:
+        env = {}
+        if request.param == "redis+s3":
+            env = stack.enter_context(production_backends(workdir))
+        run = ServeRun(workdir, cache_dir, extra_env=env).start()
+        yield run
+        left = run.stop()
     assert not left, f"Ray processes outlived `serve run` (killed now): {left}"
+    assert not run.escalated and run.process.returncode == 0, (
+        f"`serve run` did not exit cleanly on Ctrl-C ({run.process.returncode})\n{run.output()}"
+    )

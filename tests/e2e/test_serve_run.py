@@ -155,6 +155,34 @@ def test_ready_serves_the_yaml_model(served, world):
     assert {m["id"] for m in models["data"]} == {MODEL_NAME, "base", "py", "c", "ia3"}
 
 
+def test_adapters_live_where_the_environment_says(served, world):
+    """The registry backend is chosen by the environment of `serve run`, as documented."""
+    store = served.extra_env.get("FLORA_STORE_URL")
+    if store is None:  # embedded: files under $FLORA_DATA_DIR
+        versions = list((served.workdir / "data" / "registry" / "blobs").glob("acme/*/1"))
+        assert versions
+        for version in versions:
+            files = sorted(p.name for p in version.iterdir())
+            assert files == ["adapter_config.json", "adapter_model.safetensors"]
+        return
+    import boto3
+    import redis
+
+    env = served.extra_env
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="flora-e2e")["Contents"]]
+    assert any(k.startswith("adapters/acme/py/1/") for k in keys), keys
+    index = redis.Redis.from_url(served.extra_env["FLORA_REDIS_URL"], decode_responses=True)
+    assert index.hexists("flora:tenants", "acme")
+    assert not (served.workdir / "data" / "registry" / "blobs").exists()
+
+
 def test_concurrent_mixed_requests_equal_the_engine_called_directly(served, world, reference):
     """16 requests at once from two tenants: four adapters of three kinds and the base model,
     completions and chat, half of them streamed; each equals its direct greedy output."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import secrets
 import time
@@ -72,11 +73,24 @@ class Sample:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Wall seconds of a run and the CPU it took: cores busy machine-wide and in this process."""
+
+    seconds: float
+    machine_cores: float | None  # None where psutil is missing
+    own_cores: float
+
+
 @dataclass
 class Measurement:
     name: str
     samples: list[Sample]
-    seconds: float
+    timing: Timing
+
+    @property
+    def seconds(self) -> float:
+        return self.timing.seconds
 
     @property
     def ok(self) -> list[Sample]:
@@ -109,17 +123,32 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def _bounded(n: int, concurrency: int, one: Callable[[int], Any]) -> float:
-    """Run ``one(i)`` for i < n with at most ``concurrency`` at once; the wall time taken."""
+def _cpu_seconds() -> tuple[float | None, float]:
+    """CPU seconds so far: all cores of the machine (psutil, if installed), this process."""
+    own = os.times()
+    try:
+        import psutil
+    except ImportError:
+        return None, own.user + own.system
+    cores = psutil.cpu_times()
+    return sum(cores) - cores.idle - getattr(cores, "iowait", 0.0), own.user + own.system
+
+
+async def _bounded(n: int, concurrency: int, one: Callable[[int], Any]) -> Timing:
+    """Run ``one(i)`` for i < n with at most ``concurrency`` at once; time and CPU taken."""
     todo = iter(range(n))
 
     async def worker() -> None:
         for i in todo:  # a shared iterator: each index is taken once
             await one(i)
 
+    machine, own = _cpu_seconds()
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    machine_after, own_after = _cpu_seconds()
+    busy = None if machine is None or machine_after is None else machine_after - machine
+    return Timing(seconds, None if busy is None else busy / seconds, (own_after - own) / seconds)
 
 
 # --- the deployment over HTTP ----------------------------------------------------------------
@@ -203,8 +232,8 @@ class Deployment:
                 tenant = tenants[i % len(tenants)]
                 samples[i] = await self._one(client, tenant, prompts[i], workload.max_tokens)
 
-            seconds = await _bounded(len(prompts), workload.concurrency, one)
-        return Measurement("HTTP (Ray Serve)", [s for s in samples if s is not None], seconds)
+            timing = await _bounded(len(prompts), workload.concurrency, one)
+        return Measurement("HTTP (Ray Serve)", [s for s in samples if s is not None], timing)
 
 
 # --- the same workload through the engine in this process ------------------------------------
@@ -243,10 +272,10 @@ async def run_direct(
             tenant = tenants[i % len(tenants)]
             samples[i] = await one_request(tenant, prompts[i], workload.max_tokens)
 
-        seconds = await _bounded(len(prompts), workload.concurrency, one)
+        timing = await _bounded(len(prompts), workload.concurrency, one)
     finally:
         engine.shutdown()
-    return Measurement("engine in-process", [s for s in samples if s is not None], seconds)
+    return Measurement("engine in-process", [s for s in samples if s is not None], timing)
 
 
 def write_adapters(
@@ -271,14 +300,16 @@ def write_adapters(
 def table(results: list[Measurement]) -> list[str]:
     lines = [
         "| path | requests | errors | tokens | seconds | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) "
-        "| per-token p50 (ms) | per-token p99 (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| per-token p50 (ms) | per-token p99 (ms) | CPU cores busy: machine | this process |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for m in results:
+        machine = m.timing.machine_cores
         lines.append(
             f"| {m.name} | {len(m.samples)} | {m.errors} | {m.tokens:,} | {m.seconds:.1f} | "
             f"{m.throughput:,.0f} | {1e3 * m.ttft(0.5):.0f} | {1e3 * m.ttft(0.99):.0f} | "
-            f"{1e3 * m.per_token(0.5):.1f} | {1e3 * m.per_token(0.99):.1f} |"
+            f"{1e3 * m.per_token(0.5):.1f} | {1e3 * m.per_token(0.99):.1f} | "
+            f"{'—' if machine is None else f'{machine:.2f}'} | {m.timing.own_cores:.2f} |"
         )
     return lines
 
@@ -333,12 +364,15 @@ def write(
         w = csv.writer(f)
         w.writerow(
             ["path", "requests", "errors", "tokens", "seconds", "tokens_per_s", "ttft_p50_ms",
-             "ttft_p99_ms", "per_token_p50_ms", "per_token_p99_ms"]
+             "ttft_p99_ms", "per_token_p50_ms", "per_token_p99_ms", "machine_cores_busy",
+             "own_cores_busy"]
         )  # fmt: skip
         for m in results:
             w.writerow(
                 [m.name, len(m.samples), m.errors, m.tokens, f"{m.seconds:.2f}",
                  f"{m.throughput:.1f}", f"{1e3 * m.ttft(0.5):.1f}", f"{1e3 * m.ttft(0.99):.1f}",
-                 f"{1e3 * m.per_token(0.5):.2f}", f"{1e3 * m.per_token(0.99):.2f}"]
+                 f"{1e3 * m.per_token(0.5):.2f}", f"{1e3 * m.per_token(0.99):.2f}",
+                 "" if m.timing.machine_cores is None else f"{m.timing.machine_cores:.2f}",
+                 f"{m.timing.own_cores:.2f}"]
             )  # fmt: skip
     return md

@@ -133,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
         "the deployment idles. Both warm every adapter first (one 2-token request per tenant).",
         "",
         "TTFT: first streamed update − request sent. Per-token latency: gaps between later "
-        "updates (one per engine step). Tokens: the responses' `usage`.",
+        "updates (one per engine step). Tokens: the responses' `usage`. CPU cores busy: every "
+        "process on this machine (the deployment's too, when it runs here) and the benchmark "
+        "process alone, averaged over the timed run.",
     ]
     path = bench.write(
         results, lines, Path(args.out), args.name, header=header, command=args.command_line
