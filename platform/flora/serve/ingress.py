@@ -97,29 +97,10 @@ class Generation:
                 param="max_tokens",
             )
         chat = isinstance(body, ChatCompletionRequest)
-        prompt = render_chat(body.messages) if chat else body.text
         code = chat_text(body.messages) if chat else (body.text or "")
         adapter, rule, reason = await self._resolve(body, info["name"], code)
-        stops = body.stops + ([CHAT_STOP] if chat else [])
-        logprobs = (body.top_logprobs or 0) if chat and body.logprobs else None
-        if not chat:
-            logprobs = body.logprobs
-        payload = {
-            "prompt": prompt,
-            "prompt_ids": None if chat else body.token_ids,
-            "params": {
-                "max_tokens": body.max_tokens or state.args.max_tokens_default,
-                "temperature": body.temperature,
-                "top_p": body.top_p,
-                "top_k": body.top_k,
-                "seed": body.seed,
-                "stop": stops,
-                "logprobs": logprobs,
-            },
-            "adapter": adapter.id if adapter else None,
-            "tenant": self.tenant,
-            "request_id": f"{self.tenant}-{uuid.uuid4().hex[:16]}",
-        }
+        payload = self._payload(body, adapter)
+        logprobs = payload["params"]["logprobs"]
         label = adapter.label if adapter else info["name"]
         headers = {"x-flora-adapter": adapter.label if adapter else "base"}
         headers["x-flora-adapter-reason"] = reason
@@ -149,9 +130,42 @@ class Generation:
                 media_type="text/event-stream",
                 headers=headers | {"Cache-Control": "no-cache"},
             )
-        status = 200
+        return await self._collect(reply, first, stream, headers)
+
+    def _payload(self, body: CompletionRequest | ChatCompletionRequest, adapter: Any) -> dict:
+        """What the replica needs: prompt, sampling parameters, adapter record id, tenant."""
+        chat = isinstance(body, ChatCompletionRequest)
+        logprobs = body.logprobs  # completions: how many alternatives
+        if chat:  # chat: a flag, and top_logprobs says how many
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return {
+            "prompt": render_chat(body.messages) if chat else body.text,
+            "prompt_ids": None if chat else body.token_ids,
+            "params": {
+                "max_tokens": body.max_tokens or self.state.args.max_tokens_default,
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "top_k": body.top_k,
+                "seed": body.seed,
+                "stop": body.stops + ([CHAT_STOP] if chat else []),
+                "logprobs": logprobs,
+            },
+            "adapter": adapter.id if adapter else None,
+            "tenant": self.tenant,
+            "request_id": f"{self.tenant}-{uuid.uuid4().hex[:16]}",
+        }
+
+    async def _collect(
+        self,
+        reply: Reply,
+        first: dict[str, Any],
+        stream: AsyncIterator[dict[str, Any]],
+        headers: dict[str, str],
+    ) -> Response:
+        """A whole (non-streamed) answer, within the request timeout."""
+        timeout, status = self.state.args.request_timeout_s, 200
         try:
-            async with asyncio.timeout(state.args.request_timeout_s):
+            async with asyncio.timeout(timeout):
                 chunk = first
                 while True:
                     reply.add(chunk)
@@ -159,13 +173,13 @@ class Generation:
                         status = 500
                         return _error_response(500, chunk["error"], "engine_error", headers)
                     if "stats" in chunk:
-                        state.metrics.replica_stats(chunk["stats"]["replica"], chunk["stats"])
+                        self.state.metrics.replica_stats(chunk["stats"]["replica"], chunk["stats"])
                     if chunk["finish_reason"]:
                         break
                     chunk = await anext(stream)
         except TimeoutError:
             status = 504
-            message = f"the request ran past {state.args.request_timeout_s:g}s and was cancelled"
+            message = f"the request ran past {timeout:g}s and was cancelled"
             return _error_response(504, message, "timeout", headers)
         finally:
             await stream.aclose()
