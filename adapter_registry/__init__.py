@@ -15,6 +15,7 @@ from adapter_registry.errors import (
     InvalidName,
     NotFound,
     RegistryError,
+    TooManyFailedKeys,
     Unauthorized,
     Unavailable,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "RegistrySettings",
     "Resolution",
     "Tenant",
+    "TooManyFailedKeys",
     "Unauthorized",
     "Unavailable",
 ]

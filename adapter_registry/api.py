@@ -92,6 +92,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         403: "admin key required",
         404: "no such adapter (or not yours)",
         409: "already exists",
+        429: "too many invalid API keys from this client (Retry-After)",
         413: "upload too large",
         422: "not a valid adapter for this registry",
         503: "index or store unreachable; nothing was written",
@@ -103,9 +104,11 @@ def build_router(registry: Registry) -> APIRouter:
     router = APIRouter(tags=["adapters"], responses=_ERRORS)
 
     def caller(
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
-        return registry.authenticate(credentials.credentials if credentials else None)
+        key = credentials.credentials if credentials else None
+        return registry.authenticate(key, client_address(request))
 
     def admin(principal: Annotated[Principal, Depends(caller)]) -> Principal:
         if not principal.is_admin:
@@ -198,6 +201,13 @@ def build_router(registry: Registry) -> APIRouter:
         return {"data": registry.catalog.names()}
 
     return router
+
+
+def client_address(request: Request) -> str:
+    """Who is calling, for brute-force limits: the peer address as this server sees it.
+    X-Forwarded-For is deliberately not trusted (any client can set it); behind a proxy every
+    client shares the proxy's address."""
+    return request.client.host if request.client else "unknown"
 
 
 async def _json(request: Request) -> Any:

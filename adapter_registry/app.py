@@ -7,6 +7,7 @@ same answers for the same mistakes.
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter_registry.api import build_router, readiness
-from adapter_registry.errors import AdapterTooLarge, RegistryError, error_json
+from adapter_registry.errors import AdapterTooLarge, RegistryError, TooManyFailedKeys, error_json
 from adapter_registry.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RegistryError)
     async def registry_error(_: Request, e: RegistryError) -> JSONResponse:
-        return JSONResponse(e.to_json(), status_code=e.status)
+        headers = None
+        if isinstance(e, TooManyFailedKeys):
+            headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
+        return JSONResponse(e.to_json(), status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(_: Request, e: RequestValidationError) -> JSONResponse:

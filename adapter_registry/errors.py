@@ -66,6 +66,20 @@ class Unauthorized(RegistryError):
     kind = "authentication_error"
 
 
+class TooManyFailedKeys(RegistryError):
+    """This client sent too many bad API keys; ``retry_after`` seconds until it may try again."""
+
+    status = 429
+    code = "too_many_failed_keys"
+    kind = "rate_limit_error"
+
+    def __init__(self, retry_after: float):
+        super().__init__(
+            f"too many invalid API keys from this client; retry after {retry_after:.0f} s"
+        )
+        self.retry_after = retry_after
+
+
 class Forbidden(RegistryError):
     status = 403
     code = "forbidden"

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapter_registry.auth_limits import FailedKeyLimiter
 from adapter_registry.base_models import BaseModelCatalog
 from adapter_registry.blobs import BlobStore, S3BlobStore, parse_s3_uri, read_s3_files
 from adapter_registry.errors import (
@@ -23,6 +24,7 @@ from adapter_registry.errors import (
     IntegrityError,
     NotFound,
     RegistryError,
+    TooManyFailedKeys,
     Unauthorized,
     Unavailable,
 )
@@ -97,6 +99,7 @@ class Registry:
         admin_key: str | None = None,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         import_prefixes: list[str] | None = None,
+        failed_keys: FailedKeyLimiter | None = None,
     ):
         self.index = index
         self.blobs = blobs
@@ -104,15 +107,23 @@ class Registry:
         self._admin_hash = hash_key(admin_key) if admin_key else None
         self.max_adapter_bytes = max_adapter_bytes
         self.import_prefixes = import_prefixes
+        self.failed_keys = failed_keys or FailedKeyLimiter()
 
     # --- tenants and keys -------------------------------------------------------------------
-    def authenticate(self, key: str | None) -> Principal:
+    def authenticate(self, key: str | None, client: str | None = None) -> Principal:
+        """Who ``key`` belongs to. ``client`` (the peer address) enables brute-force
+        protection: after too many bad keys it gets :class:`TooManyFailedKeys`, even for a
+        correct key, until the window passes."""
+        if client is not None and (wait := self.failed_keys.retry_after(client)) is not None:
+            raise TooManyFailedKeys(wait)
         if not key:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         if self._admin_hash and same_key(key, self._admin_hash):
             return Principal(None)
         tenant = self.index.tenant_for_key(hash_key(key))
         if tenant is None:
+            if client is not None:
+                self.failed_keys.failed(client)
             raise Unauthorized("invalid API key")
         return Principal(tenant)
 

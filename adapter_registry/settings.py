@@ -12,6 +12,9 @@ FLORA_IMPORT_PREFIXES     comma-separated ``s3://`` prefixes tenants may import 
                           any bucket but the registry's own store).
 FLORA_BASE_MODELS         extra base models as ``name=/path/to/checkpoint,…`` (their
                           ``config.json`` gives the shapes; StarCoder models are built in).
+FLORA_AUTH_MAX_FAILURES   bad API keys one client (peer address) may send per window before it
+                          gets 429 ``too_many_failed_keys`` (default 20).
+FLORA_AUTH_WINDOW_S       that window in seconds (default 60).
 AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION
                           boto3's own variables, for any S3-compatible store.
 ========================  =====================================================================
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from adapter_registry.auth_limits import DEFAULT_MAX_FAILURES, DEFAULT_WINDOW_S, FailedKeyLimiter
 from adapter_registry.base_models import BaseModelCatalog
 from adapter_registry.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from adapter_registry.index import Index
@@ -47,6 +51,8 @@ class RegistrySettings(BaseModel):
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     import_prefixes: list[str] | None = None
     base_models: dict[str, str] = {}
+    auth_max_failures: int = DEFAULT_MAX_FAILURES
+    auth_window_s: float = DEFAULT_WINDOW_S
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> RegistrySettings:
@@ -63,6 +69,8 @@ class RegistrySettings(BaseModel):
             max_adapter_bytes=int(env.get("FLORA_MAX_ADAPTER_BYTES") or DEFAULT_MAX_ADAPTER_BYTES),
             import_prefixes=[p.strip() for p in prefixes.split(",")] if prefixes else None,
             base_models=dict(m.strip().split("=", 1) for m in models),
+            auth_max_failures=int(env.get("FLORA_AUTH_MAX_FAILURES") or DEFAULT_MAX_FAILURES),
+            auth_window_s=float(env.get("FLORA_AUTH_WINDOW_S") or DEFAULT_WINDOW_S),
         )
 
     @property
@@ -124,4 +132,5 @@ class RegistrySettings(BaseModel):
             admin_key=self.resolved_admin_key(),
             max_adapter_bytes=self.max_adapter_bytes,
             import_prefixes=self.import_prefixes,
+            failed_keys=FailedKeyLimiter(self.auth_max_failures, self.auth_window_s),
         )

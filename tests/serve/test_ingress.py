@@ -207,6 +207,18 @@ def test_keys(stack, world):
     error_of(post(stack, ADMIN_KEY, "/v1/completions", body), 403)
 
 
+def test_the_openapi_spec_declares_what_the_routes_answer(stack):
+    """Refusals, streamed events and the metrics' text are in the spec (schemathesis checks it)."""
+    paths = httpx.get(stack.url + "/openapi.json").json()["paths"]
+    for route in ("/v1/completions", "/v1/chat/completions", "/tenants/{tenant}/v1/completions"):
+        answers = paths[route]["post"]["responses"]
+        assert {"400", "401", "403", "404", "413", "422", "429"} <= answers.keys()
+        assert "text/event-stream" in answers["200"]["content"]
+    assert {"401", "403"} <= paths["/v1/models"]["get"]["responses"].keys()
+    assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "503" in paths["/readyz"]["get"]["responses"]
+
+
 def test_metrics_need_the_admin_key_and_move(stack, world):
     def scrape() -> str:
         response = httpx.get(

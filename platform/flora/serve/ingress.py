@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from adapter_registry import (
@@ -35,7 +35,7 @@ from adapter_registry import (
     RegistryError,
     Unavailable,
 )
-from adapter_registry.api import build_router, readiness
+from adapter_registry.api import build_router, client_address, readiness
 from adapter_registry.app import BodySizeLimit, install_error_handlers
 from adapter_registry.errors import error_json
 from adapter_registry.names import check_optional
@@ -270,6 +270,22 @@ def _error_response(
     return JSONResponse(error_json(message, code, kind), status_code=status, headers=headers)
 
 
+# the refusals the OpenAI routes answer, declared so the OpenAPI spec matches the API
+_GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": why}
+    for status, why in {
+        400: "bad request (unknown model or adapter name, bad parameter)",
+        401: "missing or invalid API key",
+        403: "the admin key, or another tenant's key",
+        404: "no such adapter",
+        413: "request body too large",
+        429: "rate or concurrency limit; see Retry-After",
+    }.items()
+}
+# with "stream": true the answer is server-sent events
+_GENERATED = _GENERATION_ERRORS | {200: {"content": {"text/event-stream": {}}}}
+
+
 def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> FastAPI:
     """The whole HTTP API over ``backend``."""
     state = IngressState(registry, backend, args)
@@ -294,9 +310,11 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
         return await call_next(request)
 
     def tenant_of(
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> str:
-        principal = registry.authenticate(credentials.credentials if credentials else None)
+        key = credentials.credentials if credentials else None
+        principal = registry.authenticate(key, client_address(request))
         if principal.is_admin:
             raise Forbidden("completions need a tenant's API key, not the admin key")
         return principal.tenant
@@ -313,15 +331,15 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
     def openai_routes(prefix: str, caller: Any, tag: str) -> None:
         """The OpenAI routes under ``prefix``; ``caller`` resolves the tenant."""
 
-        @app.post(f"{prefix}/v1/completions", tags=[tag])
+        @app.post(f"{prefix}/v1/completions", tags=[tag], responses=_GENERATED)
         async def completions(body: CompletionRequest, tenant: caller) -> Response:
             return await Generation(state, tenant, "completions").run(body)
 
-        @app.post(f"{prefix}/v1/chat/completions", tags=[tag])
+        @app.post(f"{prefix}/v1/chat/completions", tags=[tag], responses=_GENERATED)
         async def chat(body: ChatCompletionRequest, tenant: caller) -> Response:
             return await Generation(state, tenant, "chat").run(body)
 
-        @app.get(f"{prefix}/v1/models", tags=[tag])
+        @app.get(f"{prefix}/v1/models", tags=[tag], responses=_GENERATION_ERRORS)
         async def models(tenant: caller) -> dict[str, Any]:
             return await _models(state, tenant)
 
@@ -332,7 +350,7 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
     async def readyz(response: Response) -> dict[str, str]:
         status = await asyncio.to_thread(readiness, registry, response)
         try:
@@ -343,12 +361,23 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
             response.status_code = 503
         return status
 
-    @app.get("/metrics", tags=["health"])
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PlainTextResponse,
+        responses={
+            401: {"description": "invalid API key"},
+            429: {"description": "too many invalid API keys from this client (Retry-After)"},
+            403: {"description": "admin key required"},
+        },
+    )
     def metrics(
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Response:
         """Prometheus metrics (their labels name tenants, so they need the admin key)."""
-        if not registry.authenticate(credentials.credentials if credentials else None).is_admin:
+        key = credentials.credentials if credentials else None
+        if not registry.authenticate(key, client_address(request)).is_admin:
             raise Forbidden("metrics need the admin key")
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
