@@ -84,20 +84,26 @@ _UPLOAD_BODY = {
         },
     }
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"description": why}
-    for status, why in {
+
+
+def declared(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses=`` for the statuses a route answers besides 200 and 422."""
+    return {status: {"description": why} for status, why in statuses.items()}
+
+
+_ERRORS = declared(
+    {
         400: "bad name or request",
         401: "missing or invalid API key",
         403: "admin key required",
         404: "no such adapter (or not yours)",
         409: "already exists",
-        429: "too many invalid API keys from this client (Retry-After)",
         413: "upload too large",
         422: "not a valid adapter for this registry",
+        429: "too many invalid API keys from this client (Retry-After)",
         503: "index or store unreachable; nothing was written",
-    }.items()
-}
+    }
+)
 
 
 def build_router(registry: Registry) -> APIRouter:

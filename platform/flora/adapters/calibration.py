@@ -19,11 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flora.cache import cache_root
+
 GEMM_ROWS = (1, 8, 32, 128)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("FLORA_CACHE_DIR", Path.home() / ".cache" / "flora"))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -121,7 +119,7 @@ class Calibration:
         return f"cpu:{os.cpu_count()}x{torch.get_num_threads()}t:torch{torch.__version__}"
 
     def _disk_path(self) -> Path:
-        return _cache_dir() / "calibration.json"
+        return cache_root() / "calibration.json"
 
     def profile(self, device: torch.device, dtype: torch.dtype) -> DeviceProfile:
         key = (self._device_key(device), str(dtype))

@@ -8,18 +8,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from flora.adapters import AdapterKind, Path
+from flora.cache import cache_root
 from flora.model.config import ADAPTABLE_MODULES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_cache_dir() -> pathlib.Path:
-    import os
-
-    root = os.environ.get("FLORA_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "flora"
-    )
-    return pathlib.Path(root) / "adapters"
+    return cache_root() / "adapters"
 
 
 class EngineConfig(BaseModel):

@@ -35,7 +35,7 @@ from adapter_registry import (
     RegistryError,
     Unavailable,
 )
-from adapter_registry.api import build_router, client_address, readiness
+from adapter_registry.api import build_router, client_address, declared, readiness
 from adapter_registry.app import BodySizeLimit, install_error_handlers
 from adapter_registry.errors import error_json
 from adapter_registry.names import check_optional
@@ -271,17 +271,16 @@ def _error_response(
 
 
 # the refusals the OpenAI routes answer, declared so the OpenAPI spec matches the API
-_GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"description": why}
-    for status, why in {
+_GENERATION_ERRORS = declared(
+    {
         400: "bad request (unknown model or adapter name, bad parameter)",
         401: "missing or invalid API key",
         403: "the admin key, or another tenant's key",
         404: "no such adapter",
         413: "request body too large",
         429: "rate or concurrency limit; see Retry-After",
-    }.items()
-}
+    }
+)
 # with "stream": true the answer is server-sent events
 _GENERATED = _GENERATION_ERRORS | {200: {"content": {"text/event-stream": {}}}}
 

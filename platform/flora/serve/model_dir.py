@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
+from flora.cache import cache_root
 from flora.model.checkpoint import resolve_model_dir
 from flora.serve.config import TINY
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FLORA_CACHE_DIR") or Path.home() / ".cache" / "flora")
 
 
 def prepare_model(model: str) -> Path:
