@@ -19,7 +19,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from flora.adapters.errors import InvalidAdapterError, SlotError
-from flora.adapters.weights import AdapterKind, AdapterWeights, FloraWeights, LoraWeights
+from flora.adapters.weights import (
+    AdapterKind,
+    AdapterWeights,
+    FloraWeights,
+    IA3Weights,
+    LoraWeights,
+)
+
+# The tables each kind reads, and how an Adam step on them maps to one on the file's factors:
+# ``flora_Bt`` holds ``Bᵀ / r`` and ``lora_Bt`` holds ``scale · Bᵀ`` (see :meth:`lr_scales`).
+TABLES: dict[AdapterKind, tuple[str, str]] = {
+    AdapterKind.FLORA: ("flora_A", "flora_Bt"),
+    AdapterKind.LORA: ("lora_A", "lora_Bt"),
+    AdapterKind.IA3: ("ia3_in", "ia3_out"),
+}
 
 
 class BankConfig(BaseModel):
@@ -65,6 +79,7 @@ class AdapterBank(nn.Module):
         self.ranks: list[int] = [0] * config.max_slots
         self.versions: list[int] = [0] * config.max_slots
         self.feedforward: list[bool] = [False] * config.max_slots
+        self.lora_scaling: list[tuple[float, bool]] = [(1.0, False)] * config.max_slots
         for slot in range(-1, config.max_slots):
             self._reset(slot)
 
@@ -121,7 +136,55 @@ class AdapterBank(nn.Module):
         self.kinds[slot] = weights.kind
         self.ranks[slot] = r
         self.feedforward[slot] = getattr(weights, "feedforward", False)
+        if isinstance(weights, LoraWeights):
+            self.lora_scaling[slot] = (weights.alpha, weights.use_rslora)
         self.versions[slot] += 1
+
+    @torch.no_grad()
+    def export(self, slot: int) -> AdapterWeights | None:
+        """The adapter in ``slot`` as file-orientation weights (the inverse of :meth:`load`).
+
+        Training updates the tables in place; this reads them back, unfolding ``1/r`` and
+        LoRA's scale, so the result saves as a PEFT-style file. ``None`` for an empty slot.
+        """
+        self.check_slot(slot)
+        kind, r, entry = self.kinds[slot], self.ranks[slot], slot + 1
+        if kind is AdapterKind.FLORA:
+            return FloraWeights(
+                A=self.flora_A[entry, :r].clone(), B=(self.flora_Bt[entry, :r].T * r).contiguous()
+            )
+        if kind is AdapterKind.LORA:
+            alpha, rslora = self.lora_scaling[slot]
+            return LoraWeights(
+                A=self.lora_A[entry, :r].clone(),
+                B=(self.lora_Bt[entry, :r].T / self._lora_scale(slot)).contiguous(),
+                alpha=alpha,
+                use_rslora=rslora,
+            )
+        if kind is AdapterKind.IA3:
+            ff = self.feedforward[slot]
+            scale = (self.ia3_in if ff else self.ia3_out)[entry].clone()
+            return IA3Weights(scale=scale, feedforward=ff)
+        return None
+
+    def _lora_scale(self, slot: int) -> float:
+        alpha, rslora = self.lora_scaling[slot]
+        r = self.ranks[slot]
+        return alpha / (r**0.5 if rslora else r)
+
+    def lr_scales(self, slot: int) -> dict[str, float]:
+        """Per table, the factor that makes an Adam step on it equal one on the file's factors.
+
+        Adam moves a parameter by about ``lr`` whatever its gradient's scale, so a table that
+        stores ``c · B`` needs ``c · lr`` to move ``B`` by ``lr`` (PEFT's learning rates then
+        mean what they mean in PEFT).
+        """
+        kind, r = self.kinds[slot], self.ranks[slot]
+        if kind is AdapterKind.FLORA:
+            return {"flora_A": 1.0, "flora_Bt": 1.0 / r}
+        if kind is AdapterKind.LORA:
+            return {"lora_A": 1.0, "lora_Bt": self._lora_scale(slot)}
+        return {"ia3_in": 1.0, "ia3_out": 1.0}
 
     def evict(self, slot: int) -> None:
         """Empty ``slot``: tokens pointing at it get the base layer from now on."""
@@ -130,6 +193,7 @@ class AdapterBank(nn.Module):
         self.kinds[slot] = None
         self.ranks[slot] = 0
         self.feedforward[slot] = False
+        self.lora_scaling[slot] = (1.0, False)
         self.versions[slot] += 1
 
     def group_by_kind(self, slots: tuple[int, ...]) -> dict[AdapterKind | None, tuple[int, ...]]:

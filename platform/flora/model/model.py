@@ -174,6 +174,11 @@ class GPTBigCode(nn.Module):
             else:
                 layer.evict_adapter(slot)
 
+    def export_adapter(self, slot: int) -> dict[str, AdapterWeights]:
+        """The adapter in ``slot`` per HF module path (layers it does not cover left out)."""
+        layers = {name: layer.bank.export(slot) for name, layer in self.adapted_layers()}
+        return {name: w for name, w in layers.items() if w is not None}
+
     def evict_adapter(self, slot: int) -> None:
         for _, layer in self.adapted_layers():
             layer.evict_adapter(slot)
