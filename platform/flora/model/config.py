@@ -113,6 +113,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_head": 8,
         "n_inner": 2048,
     },
+    # Small enough to pre-train on two CPU cores in minutes (the miniature Table 1's base).
+    "mini": {
+        "vocab_size": 2048,
+        "n_positions": 512,
+        "n_embd": 256,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_inner": 1024,
+    },
     "micro": {
         "vocab_size": 512,
         "n_positions": 256,
