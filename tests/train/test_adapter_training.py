@@ -182,41 +182,36 @@ def test_batched_training_equals_one_by_one(micro_model, tmp_path, kind: Adapter
     assert all(together.held_out[n] < together.base_held_out[n] for n in data)
 
 
-def test_resume_equals_an_uninterrupted_run(micro_model, tmp_path) -> None:
+def test_resume_equals_an_uninterrupted_run(micro_model, tmp_path, monkeypatch) -> None:
     data = _data(micro_model, ("perl", "tcl"))
+    config = _config(AdapterKind.FLORA, steps=8)
     full = train_adapters(
         load_model(micro_model),
-        _config(AdapterKind.FLORA, steps=8),
+        config,
         data,
         tmp_path / "full",
         progress=False,
         checkpoint_every=4,
     )
-    # Stop after 4 steps (a run with steps=4 checkpoints there), then resume to 8.
-    part = tmp_path / "part"
-    short = _config(AdapterKind.FLORA, steps=8)
-    from flora.train import training_run
+    # Interrupt a run after 4 steps (a ^C in the user's shell), then run it again.
+    part, steps_run = tmp_path / "part", []
+    original = AdapterTrainer.step
 
-    trainer_steps = []
-    original = training_run.AdapterTrainer.step
-
-    def crash_after_four(self, windows):
+    def interrupted_after_four(self, windows):
         if self.step_count == 4:
-            raise KeyboardInterrupt  # the user pressing ^C mid-run
-        trainer_steps.append(self.step_count)
+            raise KeyboardInterrupt
+        steps_run.append(self.step_count)
         return original(self, windows)
 
-    training_run.AdapterTrainer.step = crash_after_four
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(AdapterTrainer, "step", interrupted_after_four)
         with pytest.raises(KeyboardInterrupt):
             train_adapters(
-                load_model(micro_model), short, data, part, progress=False, checkpoint_every=4
+                load_model(micro_model), config, data, part, progress=False, checkpoint_every=4
             )
-    finally:
-        training_run.AdapterTrainer.step = original
-    assert (part / CHECKPOINT).is_file() and trainer_steps == [0, 1, 2, 3]
+    assert (part / CHECKPOINT).is_file() and steps_run == [0, 1, 2, 3]
     resumed = train_adapters(
-        load_model(micro_model), short, data, part, progress=False, checkpoint_every=4
+        load_model(micro_model), config, data, part, progress=False, checkpoint_every=4
     )
     assert resumed.resumed_from == 4
     for name in data:
