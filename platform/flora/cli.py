@@ -11,8 +11,10 @@ from pathlib import Path
 from adapter_registry import cli as registry_cli
 from flora import __version__, generate_cli
 from flora.bench import engine_cli as bench_engine_cli
+from flora.bench import load_cli as bench_load_cli
 from flora.bench import serve_cli as bench_serve_cli
 from flora.k8s import cli as k8s_cli
+from flora.train import convert_cli, eval_cli, train_cli
 
 QUICK = {"shapes": ["1b"], "tokens": [64, 512], "adapters": ["32"], "ranks": [1, 4, 16]}
 FULL = {
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(handler=_bench_kernels)
     bench_engine_cli.add_parser(bench_commands)
     bench_serve_cli.add_parser(bench_commands)
+    bench_load_cli.add_parser(bench_commands)
     generate_cli.add_parser(commands)
     t = commands.add_parser(
         "make-tiny-model",
@@ -155,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "for `flora` and transformers. Reuses OUT_DIR if it was built with the same options.",
     )
     t.add_argument("out_dir", metavar="OUT_DIR", help="where to write the model")
-    t.add_argument("--preset", choices=["tiny", "micro"], default="tiny", help="default: tiny")
+    t.add_argument(
+        "--preset", choices=["tiny", "mini", "micro"], default="tiny", help="default: tiny"
+    )
     t.add_argument("--vocab-size", type=int, help="BPE vocabulary (default: the preset's)")
     t.add_argument(
         "--train-minutes", type=float, default=0.0, help="pre-training budget (default 0)"
@@ -164,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="default 0")
     t.add_argument("--force", action="store_true", help="rebuild even if OUT_DIR matches")
     t.set_defaults(handler=_make_tiny_model)
+    train_cli.add_parser(commands)
+    eval_cli.add_parser(commands)
+    convert_cli.add_parser(commands)
     registry_cli.add_parsers(commands)
     k8s_cli.add_parser(commands)
     return parser
