@@ -257,7 +257,9 @@ def test_heldout_windows_are_deterministic_and_disjoint() -> None:
     stream = torch.arange(100)
     w = heldout_windows(stream, 9, 50)
     assert w.shape == (10, 10) and torch.equal(w.flatten(), stream)
-    assert heldout_windows(stream, 9, 3).shape == (3, 10)
+    spread = heldout_windows(torch.arange(1000), 9, 7)  # evenly over the stream, no overlap
+    assert spread.shape == (7, 10) and spread[-1, -1] == 999
+    assert bool((spread[1:, 0] - spread[:-1, 0] >= 10).all())
     assert heldout_windows(torch.arange(5), 9, 3).shape == (1, 5)
     with pytest.raises(ValueError, match="too short"):
         heldout_windows(torch.arange(1), 9, 3)

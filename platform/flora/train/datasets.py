@@ -124,10 +124,12 @@ def load_language_data(
 
 
 def heldout_windows(stream: torch.Tensor, seq_len: int, max_windows: int) -> torch.Tensor:
-    """Consecutive, non-overlapping ``[n, seq_len + 1]`` windows from the start of ``stream``.
+    """Up to ``max_windows`` non-overlapping ``[n, seq_len + 1]`` windows spread evenly over
+    ``stream``.
 
-    Deterministic (no sampling), so every run and every adapter is scored on the same tokens.
-    A stream shorter than one window gives a single shorter window.
+    Deterministic (no sampling), so every run and every adapter is scored on the same tokens, and
+    spread over the whole held-out text rather than its first file. A stream shorter than one
+    window gives a single shorter window.
     """
     step = seq_len + 1
     n = min(max_windows, len(stream) // step)
@@ -135,4 +137,6 @@ def heldout_windows(stream: torch.Tensor, seq_len: int, max_windows: int) -> tor
         if len(stream) < 2:
             raise ValueError("held-out text is too short to score (under two tokens)")
         return stream[None, :]
-    return stream[: n * step].view(n, step)
+    # n ≤ len // step, so starts at least `step` apart never overlap
+    starts = torch.linspace(0, len(stream) - step, n).round().long()
+    return stream[starts[:, None] + torch.arange(step)]
