@@ -17,7 +17,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter_registry.api import build_router, readiness
-from adapter_registry.errors import AdapterTooLarge, RegistryError, TooManyFailedKeys, error_json
+from adapter_registry.errors import (
+    AdapterTooLarge,
+    RegistryError,
+    TooManyFailedKeys,
+    Unavailable,
+    error_json,
+)
 from adapter_registry.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -43,7 +49,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     async def registry_error(_: Request, e: RegistryError) -> JSONResponse:
         headers = None
-        if isinstance(e, TooManyFailedKeys):
+        if isinstance(e, TooManyFailedKeys | Unavailable):  # clients back off, then retry
             headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
         return JSONResponse(e.to_json(), status_code=e.status, headers=headers)
 
@@ -56,7 +62,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(400, _validation_message(e.errors()), "invalid_request")
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        if isinstance(e.__cause__, RegistryError):
+            # FastAPI turns anything raised while it reads a JSON body into a 400 "error parsing
+            # the body"; BodySizeLimit raises inside that read, and its 413 must survive.
+            return await registry_error(request, e.__cause__)
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
         return _error(e.status_code, str(e.detail), f"http_{e.status_code}", kind)
 
@@ -67,20 +77,26 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length."""
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a length.
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    ``per_path`` gives some paths their own limit: the Serve ingress lets adapter uploads carry
+    adapter-sized bodies but keeps completions small, since a prompt is parsed, then tokenised
+    on the engine's thread, before the context check can refuse it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.per_path = app, max_bytes, per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope["path"], self.max_bytes)
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             response = _error(
                 413,
-                f"request body over {self.max_bytes} bytes (Content-Length {declared.decode()})",
+                f"request body over {limit} bytes (Content-Length {declared.decode()[:20]})",
                 "request_too_large",
             )
             await response(scope, receive, send)
@@ -91,8 +107,8 @@ class BodySizeLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise AdapterTooLarge(f"request body over {self.max_bytes} bytes")
+            if seen > limit:
+                raise AdapterTooLarge(f"request body over {limit} bytes")
             return message
 
         await self.app(scope, counted, send)

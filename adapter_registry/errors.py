@@ -92,6 +92,7 @@ class Unavailable(RegistryError):
     status = 503
     code = "backend_unavailable"
     kind = "server_error"
+    retry_after = 2.0  # seconds, the 503's Retry-After
 
 
 class IntegrityError(RegistryError):

@@ -31,6 +31,7 @@ from adapter_registry.errors import (
 from adapter_registry.formats import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, validate_adapter
 from adapter_registry.index import EventCallback, Index, Subscription
 from adapter_registry.keys import hash_key, new_key, same_key
+from adapter_registry.last_known import LastKnown
 from adapter_registry.names import (
     GLOBAL,
     AdapterSpec,
@@ -100,6 +101,7 @@ class Registry:
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         import_prefixes: list[str] | None = None,
         failed_keys: FailedKeyLimiter | None = None,
+        stale_reads_s: float = 300.0,
     ):
         self.index = index
         self.blobs = blobs
@@ -108,6 +110,8 @@ class Registry:
         self.max_adapter_bytes = max_adapter_bytes
         self.import_prefixes = import_prefixes
         self.failed_keys = failed_keys or FailedKeyLimiter()
+        # keys and adapter lookups read before an index outage keep answering through it
+        self.last_known = LastKnown(stale_reads_s)
 
     # --- tenants and keys -------------------------------------------------------------------
     def authenticate(self, key: str | None, client: str | None = None) -> Principal:
@@ -120,7 +124,10 @@ class Registry:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         if self._admin_hash and same_key(key, self._admin_hash):
             return Principal(None)
-        tenant = self.index.tenant_for_key(hash_key(key))
+        hashed = hash_key(key)
+        tenant = self.last_known.read(
+            ("key", hashed), lambda: self.index.tenant_for_key(hashed), keep=lambda t: t is not None
+        )
         if tenant is None:
             if client is not None:
                 self.failed_keys.failed(client)
@@ -188,6 +195,7 @@ class Registry:
 
     def import_uri(self, principal: Principal, meta: AdapterMeta, uri: str) -> AdapterRecord:
         """Register the adapter found under an existing ``s3://`` prefix (copied, then owned)."""
+        meta = meta.checked()  # a bad name is the caller's 400 before any store is touched
         self._check_import(uri)
         limits = {WEIGHTS_FILE: self.max_adapter_bytes, CONFIG_FILE: MAX_CONFIG_BYTES}
         files = read_s3_files(uri, [CONFIG_FILE, WEIGHTS_FILE], max_bytes=limits)
@@ -214,11 +222,11 @@ class Registry:
     def _ready(
         self, scope: str, *, name: str | None = None, user: str | None = None, language=None
     ) -> list[AdapterRecord]:
-        return [
-            r
-            for r in self.index.list(scope, name=name, user=user, language=language)
-            if r.status is AdapterStatus.READY
-        ]
+        records = self.last_known.read(
+            ("list", scope, name, user, language),
+            lambda: self.index.list(scope, name=name, user=user, language=language),
+        )
+        return [r for r in records if r.status is AdapterStatus.READY]
 
     def list(
         self,

@@ -17,6 +17,7 @@ from adapter_registry import BaseModelCatalog, Registry
 from adapter_registry.blobs import LocalBlobStore
 from adapter_registry.client import RegistryClient
 from adapter_registry.index.sqlite import SqliteIndex
+from adapter_registry.registry import DEFAULT_MAX_ADAPTER_BYTES
 from flora.adapters import AdapterKind, FloraWeights, IA3Weights, LoraWeights
 from flora.model import ModelArgs, save_adapter_dir
 from flora.serve.backends import LocalBackend
@@ -64,12 +65,19 @@ def random_adapter_dir(
 class Stack:
     """Registry + one replica + the ingress on a real HTTP port."""
 
-    def __init__(self, root: Path, model_dir: Path, limits: LimitsConfig | None = None):
+    def __init__(
+        self,
+        root: Path,
+        model_dir: Path,
+        limits: LimitsConfig | None = None,
+        max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+    ):
         self.registry = Registry(
             SqliteIndex(root / "index.sqlite3"),
             LocalBlobStore(root / "blobs"),
             BaseModelCatalog(),
             admin_key=ADMIN_KEY,
+            max_adapter_bytes=max_adapter_bytes,
         )
         self.args = ServeArgs(
             model=str(model_dir),
@@ -79,9 +87,9 @@ class Stack:
             limits=limits or LimitsConfig(),
         )
         self.core = ReplicaCore(self.args, self.registry)
-        app = build_ingress_app(self.registry, LocalBackend(self.core), self.args)
+        self.app = build_ingress_app(self.registry, LocalBackend(self.core), self.args)
         self._exit = ExitStack()
-        self.url = self._exit.enter_context(http_server(app))
+        self.url = self._exit.enter_context(http_server(self.app))
         self.model_args = ModelArgs.from_dir(model_dir)
 
     def client(self, key: str) -> RegistryClient:

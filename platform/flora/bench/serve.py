@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import torch
@@ -41,6 +41,9 @@ from flora.engine import (
     SamplingParams,
 )
 from flora.model import ModelArgs, save_adapter_dir
+
+if TYPE_CHECKING:
+    from adapter_registry.records import AdapterRecord
 
 ADAPTER = "bench-r1"  # every tenant's adapter has this name: tenants keep names apart
 
@@ -109,14 +112,14 @@ class Measurement:
         return self.tokens / self.seconds
 
     def ttft(self, q: float) -> float:
-        return _percentile([s.events[0] - s.sent for s in self.ok if s.events], q)
+        return percentile([s.events[0] - s.sent for s in self.ok if s.events], q)
 
     def per_token(self, q: float) -> float:
         gaps = [b - a for s in self.ok for a, b in zip(s.events, s.events[1:], strict=False)]
-        return _percentile(gaps, q)
+        return percentile(gaps, q)
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
@@ -180,11 +183,13 @@ class Deployment:
                 self.keys[tenant] = admin.create_tenant(tenant)[1]
         return list(self.keys)
 
-    def register(self, tenant: str, directory: Path, base_model: str) -> None:
+    def register(
+        self, tenant: str, directory: Path, base_model: str, name: str = ADAPTER
+    ) -> AdapterRecord:
         from adapter_registry.client import RegistryClient
 
         with RegistryClient(self.url, self.keys[tenant]) as client:
-            client.register(directory, ADAPTER, base_model=base_model)
+            return client.register(directory, name, base_model=base_model)
 
     async def _one(
         self, client: httpx.AsyncClient, tenant: str, prompt: list[int], max_tokens: int
@@ -284,14 +289,23 @@ def write_adapters(
     """One distinct rank-1 FLoRA adapter per tenant (random weights at the model's shapes)."""
     gen = torch.Generator().manual_seed(seed + 1)
     return {
-        t: save_adapter_dir(
-            root / t,
-            AdapterKind.FLORA,
-            random_adapter_layers(args, AdapterKind.FLORA, 1, gen),
-            base_model=base_model,
-        )
+        t: random_adapter_dir(root / t, AdapterKind.FLORA, 1, args, base_model, gen)
         for t in tenants
     }
+
+
+def random_adapter_dir(
+    directory: Path,
+    kind: AdapterKind,
+    rank: int,
+    args: ModelArgs,
+    base_model: str,
+    gen: torch.Generator,
+) -> Path:
+    """An adapter of ``kind`` and ``rank`` on every layer's ``c_attn`` (random weights at the
+    model's shapes), written as the registry accepts it."""
+    layers = random_adapter_layers(args, kind, rank, gen)
+    return save_adapter_dir(directory, kind, layers, base_model=base_model)
 
 
 # --- report ----------------------------------------------------------------------------------

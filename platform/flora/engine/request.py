@@ -21,7 +21,13 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 keeps all.")
-    seed: int | None = Field(None, description="Per-request seed: same seed, same tokens.")
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        lt=2**64,
+        description="Per-request seed: same seed, same tokens. Any value torch's generator "
+        "takes (-2**63 … 2**64-1); beyond that manual_seed overflows.",
+    )
     stop: tuple[str, ...] = Field((), description="Stop when the text contains one of these.")
     stop_token_ids: tuple[int, ...] = Field((), description="Stop on any of these token ids.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token.")
@@ -69,7 +75,21 @@ class Request(BaseModel):
             raise ValueError("prompt_ids must not be empty")
         if self.prompt is not None and not self.prompt:
             raise ValueError("prompt must not be empty")
+        if self.prompt is not None:
+            _encodable(self.prompt)
         return self
+
+
+def _encodable(text: str) -> None:
+    """JSON's ``"\\ud800"`` decodes to a lone surrogate, which is no Unicode text: the tokenizer
+    would raise TypeError deep in the engine. Refuse it here, where it is the caller's mistake."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"the prompt holds an unpaired surrogate ({text[e.start]!r} at character {e.start}); "
+            "send valid Unicode text"
+        ) from None
 
 
 class FinishReason(enum.StrEnum):

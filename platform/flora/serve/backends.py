@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from flora.serve.replica import ReplicaCore
+from ray.exceptions import RayActorError
+
+from flora.serve.replica import ReplicaCore, error_chunk
 
 
 class LocalBackend:
@@ -34,6 +36,10 @@ class RayBackend:
             async for chunk in response:
                 yield chunk
             finished = True
+        except RayActorError as e:  # the replica died under this request; Ray starts another
+            finished = True
+            message = f"the replica serving this request stopped ({type(e).__name__}); retry"
+            yield error_chunk(503, message, "unavailable")
         finally:
             if not finished:  # the client left: stop the replica's generator (frees its KV)
                 response.cancel()

@@ -48,6 +48,13 @@ class ServeArgs(BaseModel):
         description="EngineConfig overrides, e.g. max_num_seqs, kv_cache_bytes, adapter_slots.",
     )
     max_tokens_default: int = Field(64, ge=1, description="When a request gives no max_tokens.")
+    max_request_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="Largest request body, adapter uploads aside (they may carry the registry's "
+        "adapter size limit). Prompts are tokenised on the engine thread, so this bounds the "
+        "stall one huge prompt can cause before the context check refuses it.",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a request may run.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 

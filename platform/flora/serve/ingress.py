@@ -17,6 +17,7 @@ Response headers ``x-flora-adapter`` and ``x-flora-adapter-reason`` say what ser
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -168,10 +169,10 @@ class Generation:
             async with asyncio.timeout(timeout):
                 chunk = first
                 while True:
-                    reply.add(chunk)
+                    _add(reply, chunk)
                     if chunk.get("error"):
-                        status = 500
-                        return _error_response(500, chunk["error"], "engine_error", headers)
+                        status, message, code = _engine_error(chunk["error"])
+                        return _error_response(status, message, code, headers)
                     if "stats" in chunk:
                         self.state.metrics.replica_stats(chunk["stats"]["replica"], chunk["stats"])
                     if chunk["finish_reason"]:
@@ -193,9 +194,10 @@ class Generation:
         try:
             chunk, is_first = first, True
             while True:
-                reply.add(chunk)
+                _add(reply, chunk)
                 if chunk.get("error"):
-                    yield sse(error_json(chunk["error"], "engine_error", "server_error"))
+                    _, message, code = _engine_error(chunk["error"])
+                    yield sse(error_json(message, code, "server_error"))
                     break
                 yield reply.event(chunk, is_first)
                 is_first = False
@@ -261,12 +263,28 @@ class IngressState:
         self.limiter = TenantLimiter(args.limits)
 
 
+def _add(reply: Reply, chunk: dict[str, Any]) -> None:
+    """Count a chunk's tokens; a replica's error chunk (``{"error": {...}}``) has none."""
+    if not isinstance(chunk.get("error"), dict):
+        reply.add(chunk)
+
+
+def _engine_error(error: str | dict[str, Any]) -> tuple[int, str, str]:
+    """(status, message, code) of an error in mid-stream: the engine's own (a string) is a 500,
+    a replica's error chunk (a dict) carries its status (503: it stopped, retry)."""
+    if isinstance(error, dict):
+        return error["status"], error["message"], error["code"]
+    return 500, error, "engine_error"
+
+
 def _error_response(
     status: int, message: str, code: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 429:
         kind = "rate_limit_error"
+    if status == 503:  # a replica shutting down or unavailable: retrying soon can succeed
+        headers = {"Retry-After": str(math.ceil(Unavailable.retry_after))} | (headers or {})
     return JSONResponse(error_json(message, code, kind), status_code=status, headers=headers)
 
 
@@ -295,7 +313,11 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
         "tenant's own adapter, batched together with every other tenant's.",
     )
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=registry.max_adapter_bytes + (1 << 20))
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=args.max_request_bytes,
+        per_path={"/v1/adapters": registry.max_adapter_bytes + (1 << 20)},
+    )
     app.include_router(build_router(registry))
     app.state.ingress = state
 
@@ -391,7 +413,12 @@ async def _models(state: IngressState, tenant: str) -> dict[str, Any]:
         {"id": "base", "object": "model", "created": created, "owned_by": "flora-serve"},
     ]
     records = await asyncio.to_thread(state.registry.list, Principal(tenant), include_global=True)
+    # a tenant's own adapter shadows a public one of that name (the one `model` selects), so
+    # the public one is not listed: every id appears once and means what it serves
+    own = {r.name for r in records if r.tenant == tenant}
     for r in records:
+        if r.tenant != tenant and r.name in own:
+            continue
         data.append(
             {
                 "id": r.name,

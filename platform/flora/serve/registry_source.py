@@ -5,6 +5,8 @@
 * Each request resolves its name against the index, so a new version serves the next request.
   The last answer per (tenant, name) is remembered: while the index is unreachable, adapters
   that were already being served keep serving (the registry's own writes answer 503).
+* A fetch that fails because the store is unreachable is remembered (:meth:`unreachable`), so
+  the replica answers that request 503 + Retry-After rather than 500.
 * :meth:`watch` subscribes to the registry's events: a deleted version is dropped from the
   engine's caches at once; in-flight requests finish on the weights they started with.
 """
@@ -45,6 +47,7 @@ class RegistryAdapterSource:
         self._by_name: OrderedDict[tuple[str, str], AdapterRecord] = OrderedDict()
         self._by_ref: dict[AdapterRef, AdapterRecord] = {}
         self._remember = remember
+        self._unreachable: set[str] = set()  # labels whose last fetch met a store outage
 
     @staticmethod
     def ref_of(record: AdapterRecord) -> AdapterRef:
@@ -81,7 +84,21 @@ class RegistryAdapterSource:
             record = self._by_ref.get(ref)
         if record is None:
             raise UnknownAdapterError(f"adapter {ref.label} was not resolved here")
-        return self.registry.fetch(record, cache_dir)
+        try:
+            path = self.registry.fetch(record, cache_dir)
+        except Unavailable:
+            with self._lock:
+                self._unreachable.add(ref.label)
+            raise
+        with self._lock:
+            self._unreachable.discard(ref.label)
+        return path
+
+    def unreachable(self, label: str | None) -> bool:
+        """Whether the last fetch of ``tenant/name@version`` failed on an unreachable store
+        (the request's error is then a 503 to retry, not a bad adapter)."""
+        with self._lock:
+            return label is not None and label in self._unreachable
 
     def forget(self, tenant: str, name: str) -> None:
         """Drop remembered resolutions of ``tenant/name`` (all versions)."""

@@ -97,6 +97,9 @@ class ReplicaCore:
             return
         try:
             async for out in self.engine.generate(request):
+                if out.error and not out.token_ids and self.source.unreachable(request.adapter):
+                    yield error_chunk(503, out.error, "adapter_store_unavailable")
+                    return
                 chunk: dict[str, Any] = {
                     "token_ids": list(out.token_ids),
                     "text": out.text,
