@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,38 +78,22 @@ def checks(results: list[LoadResult]) -> list[str]:
 def write(
     results: list[LoadResult], out_dir: Path, name: str, *, header: list[str], command: str
 ) -> Path:
-    from datetime import UTC, datetime
+    from flora.bench.report import write_run_report
 
-    import torch
-
-    from flora.bench.report import machine
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / f"{name}.md"
-    text = [
-        "# Load: concurrent clients against a running deployment",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine(torch.device('cpu'))}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
-        "",
-        *header,
-        "",
-        *table(results),
-        "",
-        *checks(results),
+    columns = [
+        *["clients", "seconds", "requests", *[o.name.lower() for o in Outcome], "tokens"],
+        *["tokens_per_s", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms"],
+        *["ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "idle_after_s"],
+        *["rss_before_mib", "rss_after_mib"],
     ]
-    md.write_text("\n".join(text) + "\n")
-    with open(out_dir / f"{name}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            [
-                *["clients", "seconds", "requests", *[o.name.lower() for o in Outcome], "tokens"],
-                *["tokens_per_s", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms"],
-                *["ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "idle_after_s"],
-                *["rss_before_mib", "rss_after_mib"],
-            ]
-        )
-        for r in results:
-            w.writerow([c.replace(",", "").removesuffix("s") for c in row(r)])
-    return md
+    return write_run_report(
+        out_dir,
+        name,
+        title="Load: concurrent clients against a running deployment",
+        command=command,
+        body=[*header, "", *table(results), "", *checks(results)],
+        csv_rows=[
+            columns,
+            *([c.replace(",", "").removesuffix("s") for c in row(r)] for r in results),
+        ],
+    )

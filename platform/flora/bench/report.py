@@ -151,6 +151,34 @@ def crossover(results: list[Result]) -> list[str]:
     return out
 
 
+def write_run_report(
+    out_dir: FsPath,
+    name: str,
+    *,
+    title: str,
+    command: str,
+    body: list[str],
+    csv_rows: list[list[object]],
+) -> FsPath:
+    """``name.md`` (title, command, this machine, the date, then ``body``) and ``name.csv``
+    (``csv_rows``, the first one its header) under ``out_dir``; returns the markdown's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"{name}.md"
+    text = [
+        f"# {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine(torch.device('cpu'))}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+        "",
+        *body,
+    ]
+    md.write_text("\n".join(text) + "\n")
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        csv.writer(f).writerows(csv_rows)
+    return md
+
+
 def write(
     results: list[Result], out_dir: FsPath, device: torch.device, name: str, command: str
 ) -> FsPath:

@@ -353,40 +353,24 @@ def write(
     header: list[str],
     command: str,
 ) -> Path:
-    import csv
-    from datetime import UTC, datetime
+    from flora.bench.report import write_run_report
 
-    from flora.bench.report import machine
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / f"{name}.md"
-    text = [
-        "# Serving throughput: HTTP through Ray Serve vs the engine in-process",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine(torch.device('cpu'))}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
-        "",
-        *header,
-        "",
-        *table(results),
-        "",
-        *lines,
-    ]
-    md.write_text("\n".join(text) + "\n")
-    with open(out_dir / f"{name}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["path", "requests", "errors", "tokens", "seconds", "tokens_per_s", "ttft_p50_ms",
-             "ttft_p99_ms", "per_token_p50_ms", "per_token_p99_ms", "machine_cores_busy",
-             "own_cores_busy"]
-        )  # fmt: skip
-        for m in results:
-            w.writerow(
-                [m.name, len(m.samples), m.errors, m.tokens, f"{m.seconds:.2f}",
-                 f"{m.throughput:.1f}", f"{1e3 * m.ttft(0.5):.1f}", f"{1e3 * m.ttft(0.99):.1f}",
-                 f"{1e3 * m.per_token(0.5):.2f}", f"{1e3 * m.per_token(0.99):.2f}",
-                 "" if m.timing.machine_cores is None else f"{m.timing.machine_cores:.2f}",
-                 f"{m.timing.own_cores:.2f}"]
-            )  # fmt: skip
-    return md
+    columns = ["path", "requests", "errors", "tokens", "seconds", "tokens_per_s", "ttft_p50_ms",
+               "ttft_p99_ms", "per_token_p50_ms", "per_token_p99_ms", "machine_cores_busy",
+               "own_cores_busy"]  # fmt: skip
+    rows = [
+        [m.name, len(m.samples), m.errors, m.tokens, f"{m.seconds:.2f}",
+         f"{m.throughput:.1f}", f"{1e3 * m.ttft(0.5):.1f}", f"{1e3 * m.ttft(0.99):.1f}",
+         f"{1e3 * m.per_token(0.5):.2f}", f"{1e3 * m.per_token(0.99):.2f}",
+         "" if m.timing.machine_cores is None else f"{m.timing.machine_cores:.2f}",
+         f"{m.timing.own_cores:.2f}"]
+        for m in results
+    ]  # fmt: skip
+    return write_run_report(
+        out_dir,
+        name,
+        title="Serving throughput: HTTP through Ray Serve vs the engine in-process",
+        command=command,
+        body=[*header, "", *table(results), "", *lines],
+        csv_rows=[columns, *rows],
+    )
