@@ -44,6 +44,9 @@ def test_a_replica_that_stopped_answers_503_with_retry_after(micro_dir: Path, tm
         stack.close()
 
 
+DYING_REPLICA = "node-1:4242"
+
+
 class _DyingResponse:
     """What a Ray streaming response does when its replica is killed after ``chunks`` chunks."""
 
@@ -58,7 +61,8 @@ class _DyingResponse:
             raise ActorDiedError()
         self.chunks -= 1
         return {"token_ids": [7], "text": "x", "finish_reason": None, "usage": [3, 1],
-                "logprobs": [], "error": None, "adapter": None}  # fmt: skip
+                "logprobs": [], "error": None, "adapter": None,
+                "replica": DYING_REPLICA}  # fmt: skip
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -100,6 +104,8 @@ def test_a_replica_that_dies_mid_request_ends_the_stream_with_a_503_chunk(chunks
     got = asyncio.run(drain())
     assert len(got) == chunks + 1
     assert got[-1]["error"]["status"] == 503 and "retry" in got[-1]["error"]["message"]
+    # the replica is named once a chunk from it arrived (the ingress then drops its gauges)
+    assert got[-1]["lost_replica"] == (DYING_REPLICA if chunks else None)
 
 
 def test_an_adapter_never_fetched_while_the_store_is_down_answers_503_with_retry_after(
@@ -166,13 +172,24 @@ def test_the_ingress_answers_a_replica_that_died_with_503_and_retry_after(
     key = registry.create_tenant("acme")[1]
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": "base", "prompt": "def f(x):", "max_tokens": 4}
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     for stream in (False, True):
         backend = RayBackend(_Handle(_DyingResponse(chunks), info))
         app = build_ingress_app(registry, backend, args)
+        metrics = app.state.ingress.metrics
+        metrics.replica_stats(DYING_REPLICA, {"running": 5, "steps": 40})  # reported before
+        metrics.replica_stats("node-2:7", {"running": 1, "steps": 9})
         with http_server(app) as url:
             answer = httpx.post(
                 url + "/v1/completions", json=body | {"stream": stream}, headers=headers
             )
+            scraped = httpx.get(url + "/metrics", headers=admin).text
+        # a replica seen to die no longer shows its last (busy) gauges; the others stay
+        assert ('replica="node-1:4242"' in scraped) == (chunks == 0), scraped
+        assert 'flora_engine_state{replica="node-2:7",what="running"} 1.0' in scraped
+        assert f"flora_replicas_lost_total {1.0 if chunks else 0.0}" in scraped
+        metrics.replica_stats(DYING_REPLICA, {"running": 5})  # a late report: not brought back
+        assert (DYING_REPLICA in metrics.replicas.latest) == (chunks == 0)
         if not stream or chunks == 0:  # nothing sent yet: the status can still say it
             assert answer.status_code == 503, answer.text
             assert answer.headers["retry-after"] == "2"

@@ -31,15 +31,16 @@ class RayBackend:
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         response = self.handle.options(stream=True).generate.remote(payload)
-        finished = False
+        finished, replica = False, None
         try:
             async for chunk in response:
+                replica = chunk.get("replica", replica)
                 yield chunk
             finished = True
         except RayActorError as e:  # the replica died under this request; Ray starts another
             finished = True
             message = f"the replica serving this request stopped ({type(e).__name__}); retry"
-            yield error_chunk(503, message, "unavailable")
+            yield error_chunk(503, message, "unavailable") | {"lost_replica": replica}
         finally:
             if not finished:  # the client left: stop the replica's generator (frees its KV)
                 response.cancel()

@@ -170,11 +170,10 @@ class Generation:
                 chunk = first
                 while True:
                     _add(reply, chunk)
+                    self._observe(chunk)
                     if chunk.get("error"):
                         status, message, code = _engine_error(chunk["error"])
                         return _error_response(status, message, code, headers)
-                    if "stats" in chunk:
-                        self.state.metrics.replica_stats(chunk["stats"]["replica"], chunk["stats"])
                     if chunk["finish_reason"]:
                         break
                     chunk = await anext(stream)
@@ -195,14 +194,13 @@ class Generation:
             chunk, is_first = first, True
             while True:
                 _add(reply, chunk)
+                self._observe(chunk)
                 if chunk.get("error"):
                     _, message, code = _engine_error(chunk["error"])
                     yield sse(error_json(message, code, "server_error"))
                     break
                 yield reply.event(chunk, is_first)
                 is_first = False
-                if "stats" in chunk:
-                    self.state.metrics.replica_stats(chunk["stats"]["replica"], chunk["stats"])
                 if chunk["finish_reason"]:
                     break
                 chunk = await anext(stream)
@@ -211,6 +209,14 @@ class Generation:
             with contextlib.suppress(Exception):
                 await stream.aclose()
             self._done(reply)
+
+    def _observe(self, chunk: dict[str, Any]) -> None:
+        """Engine reports that ride on chunks: a replica's stats, or that it died."""
+        metrics = self.state.metrics
+        if "stats" in chunk:
+            metrics.replica_stats(chunk["stats"]["replica"], chunk["stats"])
+        if chunk.get("lost_replica"):
+            metrics.replica_lost(chunk["lost_replica"])
 
     def _done(self, reply: Reply | None, status: int = 200) -> None:
         """Release the tenant's slot and record the outcome (exactly once per admitted request)."""

@@ -4,6 +4,7 @@ Tenant and adapter labels are bounded: the first ``max_labels`` distinct values 
 later ones are counted as ``other``, so a registry with 100k adapters cannot blow up the series.
 Replica counters arrive with every response (``replica_stats``) and are exported as totals, so
 rates give the batch size (tokens/steps) and adapters per batch (distinct_adapters/steps).
+A replica seen to die under a request has its series dropped (``replica_lost``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ class BoundedLabels:
 class _ReplicaCollector(Collector):
     """Latest engine counters per replica, as reported in responses."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_lost: int = 1024) -> None:
         self.latest: dict[str, dict[str, int]] = {}
+        # replicas seen to die (host:pid, never reused by a restarted one): a report still on
+        # its way from one must not bring its series back
+        self.lost: dict[str, None] = {}
+        self.max_lost = max_lost
 
     def collect(self) -> Iterator[Metric]:
         totals = CounterMetricFamily(
@@ -84,6 +89,9 @@ class ServeMetrics:
             registry=r,
         )
         self.in_flight = Gauge("flora_requests_in_flight", "open requests", registry=r)
+        self.replicas_lost = Counter(
+            "flora_replicas_lost", "replicas seen to die under a request", registry=r
+        )
         self.replicas = _ReplicaCollector()
         r.register(self.replicas)
 
@@ -111,8 +119,22 @@ class ServeMetrics:
 
     def replica_stats(self, replica: str, stats: dict[str, int]) -> None:
         """Keep the numbers only (the stats also name their ``replica``)."""
+        if replica in self.replicas.lost:
+            return
         numbers = {k: v for k, v in stats.items() if isinstance(v, int | float)}
         self.replicas.latest[replica] = numbers
+
+    def replica_lost(self, replica: str) -> None:
+        """A replica died under a request: drop its series (its gauges would read busy for
+        ever) and count the loss."""
+        replicas = self.replicas
+        if replica in replicas.lost:
+            return
+        replicas.lost[replica] = None
+        if len(replicas.lost) > replicas.max_lost:
+            del replicas.lost[next(iter(replicas.lost))]
+        replicas.latest.pop(replica, None)
+        self.replicas_lost.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -108,6 +108,7 @@ class ReplicaCore:
                     "logprobs": [self._logprob(lp) for lp in out.logprobs],
                     "error": out.error,
                     "adapter": out.adapter,
+                    "replica": self.replica_id,  # lets the ingress forget a replica that died
                 }
                 if out.finished:
                     chunk["stats"] = {"replica": self.replica_id} | await self.engine.stats()
