@@ -75,18 +75,49 @@ def mean_weight_error(
     return sum(errors) / len(errors)
 
 
+def recovered(row: Row, base: Row, lora: Row) -> float:
+    """The share of the LoRA's held-out loss gain over the base that ``row`` keeps."""
+    gain = base.loss - lora.loss
+    return (base.loss - row.loss) / gain if gain else float("nan")
+
+
 def table(rows: list[Row]) -> list[str]:
+    base, lora = rows[0], rows[1]
     lines = [
         "| adapter | weighting | rel. weight error | mean abs Δlogit | KL(LoRA ‖ ·) "
-        "| held-out loss |",
-        "|---|---|---:|---:|---:|---:|",
+        "| held-out loss | LoRA gain kept |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.label} | {r.weighting} | {r.weight_error:.4f} | {r.abs_logit:.4f} | "
-            f"{r.kl:.5f} | {r.loss:.4f} |"
+            f"{r.kl:.5f} | {r.loss:.4f} | {100 * recovered(r, base, lora):.0f}% |"
         )
     return lines
+
+
+def findings(rows: list[Row]) -> list[str]:
+    """What the table says, in sentences computed from it (the interpretation is the reader's)."""
+    base, lora, fits = rows[0], rows[1], rows[2:]
+    if not fits:
+        return []
+    best_kl = min(fits, key=lambda r: r.kl)
+    best_loss = min(fits, key=lambda r: r.loss)
+    by_rank: dict[str, list[Row]] = {}
+    for r in fits:
+        by_rank.setdefault(r.label, []).append(r)
+    weight = [min(rs, key=lambda r: r.weight_error) for rs in by_rank.values()]
+    return [
+        f"- The LoRA lowers held-out loss from {base.loss:.4f} to {lora.loss:.4f}.",
+        "- Weight space: the best relative error per rank is "
+        + ", ".join(f"{r.label.split()[-1]} {r.weight_error:.3f}" for r in weight)
+        + " (1.0 = the base model).",
+        f"- Closest to the LoRA's outputs: {best_kl.label} ({best_kl.weighting}), "
+        f"KL {best_kl.kl:.5f} nats/token (base: {base.kl:.5f}).",
+        f"- Lowest held-out loss: {best_loss.label} ({best_loss.weighting}), "
+        f"{best_loss.loss:.4f}, keeping {100 * recovered(best_loss, base, lora):.0f}% of the "
+        "LoRA's gain.",
+    ]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -162,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                     *compare(net, held, FLORA_SLOT, args.batch),
                 )
                 rows.append(row)
-                print(table([row])[-1], flush=True)
+                print(table([*rows[:2], row])[-1], flush=True)
 
     elapsed = time.perf_counter() - started
     command = "python scripts/conversion_report.py " + shlex.join(argv)
@@ -188,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## What works",
         "",
-        "_To be written after a run on a trained LoRA: which rank and weighting recover how much "
-        "of the LoRA's held-out loss gain, and where the multiplicative form cannot follow an "
-        "additive low-rank delta._",
+        *findings(rows),
         "",
     ]
     out = Path(args.out)
