@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         f"W0 ∘ (B A / r) ≈ W0 + scale·B_l A_l, at most {args.iters} rounds; *plain* weights "
         "every weight alike, *activation* weights input feature j by mean x_j² over "
         f"{args.calibration_windows} calibration windows of {seq_len} {args.language} tokens. "
-        f"Metrics vs the LoRA model on {args.eval_windows} held-out windows (files disjoint from "
-        "calibration): rel. weight error = ‖W0 ∘ M − T‖ / ‖T − W0‖ (plain norm, mean over "
+        f"Metrics vs the LoRA model on {held.shape[0]} held-out windows (`flora train`'s "
+        "held-out files: neither the LoRA nor the calibration saw them): "
+        "rel. weight error = ‖W0 ∘ M − T‖ / ‖T − W0‖ (plain norm, mean over "
         "layers; 1.0 = the base model), mean |Δlogit| per vocabulary entry, KL(p_LoRA ‖ p) per "
         "token (nats), and next-token cross-entropy.",
         "",

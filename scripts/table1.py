@@ -12,6 +12,7 @@ Reports held-out loss and relative improvement over the base (mean ± std over s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform as host
 import shlex
@@ -175,6 +176,7 @@ def report(
         + " | ".join(f"**{mean_gain[k]:+.1f}%**" for k in kinds)
         + " |"
     )
+    lines += ["", *verdict(mean_gain)]
     lines += [
         "",
         "Base model on its own languages, for scale: "
@@ -186,6 +188,23 @@ def report(
         + ".",
     ]
     return lines
+
+
+def verdict(mean_gain: dict[str, float], tie: float = 0.5) -> list[str]:
+    """The paper's claim checked against the mean gains: "≈" means within ``tie`` points."""
+    if not {"flora", "lora", "ia3"} <= mean_gain.keys():
+        return []
+    order = sorted(mean_gain, key=mean_gain.get, reverse=True)
+    ranking = order[0]
+    for prev, kind in itertools.pairwise(order):
+        ranking += (" ≈ " if mean_gain[prev] - mean_gain[kind] <= tie else " > ") + kind
+    f, lo, ia = mean_gain["flora"], mean_gain["lora"], mean_gain["ia3"]
+    holds = abs(f - lo) <= tie and min(f, lo) > ia + tie
+    claim = "holds" if holds else "does not hold"
+    return [
+        f"**Verdict:** by mean relative improvement, {ranking} (≈: within {tie:g} points). "
+        f"The paper's FLoRA ≈ LoRA > IA3 {claim} here."
+    ]
 
 
 if __name__ == "__main__":

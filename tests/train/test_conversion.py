@@ -275,3 +275,25 @@ def test_convert_cli_errors(micro_dir: Path, tmp_path: Path, capsys: pytest.Capt
     assert convert([str(tmp_path / "lora"), out, *model, "--distill-steps", "2"]) == 2
     assert "--calibration-windows" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_calibration_and_held_out_windows_follow_the_training_split(micro_dir: Path) -> None:
+    """The report's held-out windows are `flora train`'s held-out files, never its training text,
+    so a converted adapter is scored on text neither the LoRA nor the calibration saw."""
+    from flora.model.tokenizer import Tokenizer
+    from flora.train.datasets import heldout_windows, load_language_data
+
+    data = load_language_data(Tokenizer.from_dir(micro_dir), None, ["python"])["python"]
+    calibration = convert_cli.corpus_windows(micro_dir, "python", 6, 32, seed=3)
+    held = convert_cli.corpus_windows(micro_dir, "python", 6, 32, held_out=True)
+    assert calibration.shape == (6, 33) and held.shape == (6, 33)
+
+    def inside(window: torch.Tensor, stream: torch.Tensor) -> bool:
+        return bool(stream.unfold(0, window.numel(), 1).eq(window).all(dim=1).any())
+
+    assert all(inside(w, data.train) for w in calibration)
+    assert not any(inside(w, data.held_out) for w in calibration)
+    # the windows `flora eval loss` and Table 1 score: spread over the held-out files
+    assert torch.equal(held, heldout_windows(data.held_out, 32, 6))
+    # the same seed draws the same calibration windows
+    assert torch.equal(calibration, convert_cli.corpus_windows(micro_dir, "python", 6, 32, seed=3))

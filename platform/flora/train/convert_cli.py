@@ -17,9 +17,6 @@ if TYPE_CHECKING:
 
 DEFAULT_SEQ_LEN = 128
 DEFAULT_LANGUAGE = "python"
-MIN_CORPUS_BYTES, MAX_CORPUS_BYTES = 50_000, 2_000_000
-BYTES_PER_TOKEN = 4  # generous for a BPE on code: read enough text, but not the whole disk
-HELD_OUT_FRACTION = 0.1
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -43,6 +40,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="calibration window")
     c.add_argument("--language", default=DEFAULT_LANGUAGE, help="calibration corpus language")
+    c.add_argument(
+        "--data",
+        help="calibration text: a folder of source files or a JSONL of {text, language} "
+        "(default: source files found on this machine, as flora train)",
+    )
     c.add_argument("--iters", type=int, default=100, help="ALS rounds at most (default 100)")
     c.add_argument(
         "--distill-steps",
@@ -62,31 +64,25 @@ def corpus_windows(
     *,
     held_out: bool = False,
     seed: int = 0,
-    max_bytes: int | None = None,
+    source: str | Path | None = None,
 ) -> torch.Tensor:
-    """``n`` random windows ``[n, seq_len + 1]`` of local ``language`` code, tokenized with the
-    model's tokenizer; from the training side of a by-file split, or the held-out side.
+    """``[n, seq_len + 1]`` windows of ``language`` text, tokenized with the model's tokenizer.
 
-    Calibration and evaluation draw from disjoint files, so a reported held-out number never
-    saw the text the conversion was weighted on. ``max_bytes`` of source are read (default:
-    about twice what the windows need, the held-out side being a tenth of the files).
+    The text and its by-file split are ``flora train``'s and ``flora eval``'s defaults (the same
+    source, held-out fraction and data seed), so the held-out side is text the LoRA never
+    trained on, and calibration draws from the training side. Training windows are sampled
+    (``seed``); held-out ones are spread evenly over the held-out text (at most ``n``).
     """
     import torch
 
     from flora.model.tokenizer import Tokenizer
-    from flora.train.corpus import collect, split_holdout
-    from flora.train.tiny_model import random_windows, token_stream
+    from flora.train.datasets import heldout_windows, load_language_data
+    from flora.train.tiny_model import random_windows
 
-    if max_bytes is None:
-        side = 1 / HELD_OUT_FRACTION if held_out else 1 / (1 - HELD_OUT_FRACTION)
-        need = 2 * BYTES_PER_TOKEN * n * (seq_len + 1) * side
-        max_bytes = int(min(max(need, MIN_CORPUS_BYTES), MAX_CORPUS_BYTES))
-    tokenizer = Tokenizer.from_dir(model_dir)
-    train, held = split_holdout(collect([language], max_bytes, seed), HELD_OUT_FRACTION, seed)
-    texts = (held if held_out else train)[language]
-    stream = token_stream(tokenizer, texts)
-    gen = torch.Generator().manual_seed(seed + (1 if held_out else 0))
-    return random_windows(stream, n, seq_len, gen)
+    data = load_language_data(Tokenizer.from_dir(model_dir), source, [language])[language]
+    if held_out:
+        return heldout_windows(data.held_out, seq_len, n)
+    return random_windows(data.train, n, seq_len, torch.Generator().manual_seed(seed))
 
 
 def _error(message: str) -> int:
@@ -127,7 +123,12 @@ def run(args: argparse.Namespace) -> int:
         seq_len = min(args.seq_len, model.args.n_positions)
         try:
             windows = corpus_windows(
-                model_dir, args.language, args.calibration_windows, seq_len, seed=args.seed
+                model_dir,
+                args.language,
+                args.calibration_windows,
+                seq_len,
+                seed=args.seed,
+                source=args.data,
             )
         except (ValueError, OSError) as e:
             return _error(f"calibration text: {e}")
