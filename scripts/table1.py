@@ -47,7 +47,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=48)
     p.add_argument(
-        "--lr", action="append", default=[], metavar="KIND=LR", help="override a paper LR"
+        "--lr",
+        action="append",
+        default=[],
+        metavar="KIND=LR",
+        help="override a paper LR; several for one kind make a sweep (one row each)",
     )
     p.add_argument("--tag", default="", help="suffix for the runs folder and output file")
     p.add_argument("--runs", default=str(cache_root() / "table1-runs"))
@@ -57,7 +61,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    lrs = {k: float(v) for k, _, v in (s.partition("=") for s in args.lr)}
+    grid: dict[str, list[float | None]] = {}
+    for kind, _, value in (s.partition("=") for s in args.lr):
+        grid.setdefault(kind, []).append(float(value))
     started = time.perf_counter()
     base_dir = ensure_tiny_model(
         cache_root() / "models" / "table1-base",
@@ -75,40 +81,94 @@ def main() -> int:
     base = load_model(base_dir)
     base_loss = dict(zip(held, mean_losses(base, [Job(w) for w in held.values()]), strict=True))
     low = {lang: data[lang] for lang in args.languages}
-    results: dict[tuple[str, str], list[float]] = {}
+    results: dict[tuple[str, float, str], list[float]] = {}
     seconds: dict[str, list[float]] = {}
     for seed in args.seeds:
         for kind in args.kinds:
-            config = TrainConfig(
-                kind=kind,
-                rank=1,
-                lr=lrs.get(kind),
-                steps=args.steps,
-                batch_size=args.batch_size,
-                seq_len=args.seq_len,
-                seed=seed,
-            )
-            run_dir = Path(args.runs) / f"{kind}-lr{config.learning_rate:g}-seed{seed}{args.tag}"
-            print(f"== {kind} (lr {config.learning_rate:g}), seed {seed} → {run_dir}", flush=True)
-            result = train_adapters(
-                load_model(base_dir),
-                config,
-                low,
-                run_dir,
-                base_model=str(base_dir),
-                eval_every=args.steps,
-                eval_windows=args.eval_windows,
-            )
-            seconds.setdefault(kind, []).append(result.seconds)
-            for lang, loss in result.held_out.items():
-                results.setdefault((kind, lang), []).append(loss)
-    lines = report(args, base_dir, base_loss, results, seconds, lrs, time.perf_counter() - started)
+            for lr in grid.get(kind, [None]):
+                config = TrainConfig(
+                    kind=kind,
+                    rank=1,
+                    lr=lr,
+                    steps=args.steps,
+                    batch_size=args.batch_size,
+                    seq_len=args.seq_len,
+                    seed=seed,
+                )
+                lr = config.learning_rate
+                run_dir = Path(args.runs) / f"{kind}-lr{lr:g}-seed{seed}{args.tag}"
+                print(f"== {kind} (lr {lr:g}), seed {seed} → {run_dir}", flush=True)
+                result = train_adapters(
+                    load_model(base_dir),
+                    config,
+                    low,
+                    run_dir,
+                    base_model=str(base_dir),
+                    eval_every=args.steps,
+                    eval_windows=args.eval_windows,
+                )
+                seconds.setdefault(kind, []).append(result.seconds)
+                for lang, loss in result.held_out.items():
+                    results.setdefault((kind, lr, lang), []).append(loss)
+    elapsed = time.perf_counter() - started
+    if any(len(lrs) > 1 for lrs in grid.values()):
+        lines = sweep_report(args, base_loss, results, elapsed)
+    else:
+        by_kind = {(k, lang): v for (k, _, lang), v in results.items()}
+        lrs = {k: lr for k, lr, _ in results}
+        lines = report(args, base_dir, base_loss, by_kind, seconds, lrs, elapsed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}")
     return 0
+
+
+def _gain(base: float, losses: list[float]) -> float:
+    return 100 * (base - statistics.mean(losses)) / base
+
+
+def sweep_report(
+    args: argparse.Namespace,
+    base_loss: dict[str, float],
+    results: dict[tuple[str, float, str], list[float]],
+    total: float,
+) -> list[str]:
+    """One row per (kind, learning rate): relative improvement per language and its mean."""
+    runs = sorted({(k, lr) for k, lr, _ in results}, key=lambda r: (KINDS.index(r[0]), r[1]))
+    mean = {
+        run: statistics.mean(_gain(base_loss[g], results[(*run, g)]) for g in args.languages)
+        for run in runs
+    }
+    best = {k: max((r for r in runs if r[0] == k), key=mean.get) for k, _ in runs}
+    lines = [
+        "# Learning rates on the miniature Table 1",
+        "",
+        "```",
+        "python " + shlex.join(sys.argv),
+        "```",
+        "",
+        f"Same base, data, budget ({args.steps} steps × {args.batch_size} windows × "
+        f"{args.seq_len} tokens per language) and held-out windows as "
+        f"[table1.md](table1.md); seeds {args.seeds}; {total / 60:.0f} min in all. "
+        "Relative improvement of held-out loss over the base (higher is better); "
+        "**bold**: the best rate per kind.",
+        "",
+        "| kind | learning rate | " + " | ".join(args.languages) + " | mean |",
+        "|---|---:|" + "---:|" * (len(args.languages) + 1),
+    ]
+    for run in runs:
+        kind, lr = run
+        paper = " (paper)" if lr == TrainConfig(kind=kind).learning_rate else ""
+        cells = [f"{_gain(base_loss[g], results[(*run, g)]):+.1f}%" for g in args.languages]
+        m = f"{mean[run]:+.1f}%"
+        lines.append(
+            f"| {kind} | {lr:g}{paper} | "
+            + " | ".join(cells)
+            + f" | {f'**{m}**' if best[kind] == run else m} |"
+        )
+    return lines
 
 
 def _mean_std(values: list[float]) -> str:
