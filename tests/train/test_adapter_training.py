@@ -226,6 +226,19 @@ def test_resume_equals_an_uninterrupted_run(micro_model, tmp_path, monkeypatch) 
         )
 
 
+def test_the_paper_rate_named_or_implied_is_the_same_run(micro_model, tmp_path) -> None:
+    """``--lr 8e-3`` for FLoRA is the default spelled out: it completes the run, never clashes."""
+    data = _data(micro_model, ("perl",))
+    implied = _config(AdapterKind.FLORA, steps=3, lr=None)
+    first = train_adapters(load_model(micro_model), implied, data, tmp_path, progress=False)
+    named = implied.model_copy(update={"lr": PAPER_LR[AdapterKind.FLORA]})
+    again = train_adapters(load_model(micro_model), named, data, tmp_path, progress=False)
+    assert again.resumed_from == 3 and again.held_out == first.held_out
+    with pytest.raises(CheckpointMismatch):  # another rate is another run
+        other = implied.model_copy(update={"lr": 1e-3})
+        train_adapters(load_model(micro_model), other, data, tmp_path, progress=False)
+
+
 def test_written_adapter_loads_in_peft_and_the_engine(micro_model, tmp_path) -> None:
     """The LoRA a run writes is PEFT's format: PEFT's model gives the same logits as ours."""
     peft = pytest.importorskip("peft")

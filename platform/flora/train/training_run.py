@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from flora.model.adapter_files import save_adapter_dir
 from flora.model.model import GPTBigCode
-from flora.train.adapter_training import AdapterTrainer, TrainConfig, adapter_seed
+from flora.train.adapter_training import PAPER_LR, AdapterTrainer, TrainConfig, adapter_seed
 from flora.train.datasets import LanguageData, heldout_windows
 from flora.train.evaluation import Job, mean_losses
 from flora.train.tiny_model import random_windows
@@ -59,11 +59,12 @@ def _samplers(config: TrainConfig, names: tuple[str, ...]) -> dict[str, torch.Ge
 
 
 def _run_identity(config: TrainConfig, data: Mapping[str, LanguageData], base: str) -> str:
+    """What makes two runs the same run. The paper's rate given as ``--lr`` or implied (None)
+    is one run: the settings are recorded as the rate they resolve to, named only if it differs."""
     files = {n: [len(d.train), len(d.held_out), *d.files] for n, d in data.items()}
-    return json.dumps(
-        {"config": config.model_dump(mode="json"), "data": files, "base_model": base},
-        sort_keys=True,
-    )
+    settings = config.model_dump(mode="json")
+    settings["lr"] = None if config.learning_rate == PAPER_LR[config.kind] else config.lr
+    return json.dumps({"config": settings, "data": files, "base_model": base}, sort_keys=True)
 
 
 def _save_checkpoint(
