@@ -214,6 +214,10 @@ def test_resume_equals_an_uninterrupted_run(micro_model, tmp_path, monkeypatch) 
         load_model(micro_model), config, data, part, progress=False, checkpoint_every=4
     )
     assert resumed.resumed_from == 4
+    # the run's training time counts the interrupted session too
+    assert resumed.seconds > 0 and json.loads((part / "perl" / "training.json").read_text())[
+        "train_seconds"
+    ] == round(resumed.seconds, 1)
     for name in data:
         assert math.isclose(resumed.held_out[name], full.held_out[name], rel_tol=1e-5)
     with pytest.raises(CheckpointMismatch, match="other settings"):

@@ -49,7 +49,7 @@ class TrainResult:
     held_out: dict[str, float]  # name → final held-out loss
     base_held_out: dict[str, float]  # name → the base model's loss on the same windows
     steps: int
-    seconds: float
+    seconds: float  # training time of the whole run, earlier sessions included
     resumed_from: int
     tokens_per_second: float
 
@@ -68,11 +68,15 @@ def _run_identity(config: TrainConfig, data: Mapping[str, LanguageData], base: s
 
 
 def _save_checkpoint(
-    out: Path, trainer: AdapterTrainer, samplers: dict[str, torch.Generator], identity: str
+    out: Path,
+    trainer: AdapterTrainer,
+    samplers: dict[str, torch.Generator],
+    identity: str,
+    seconds: float,
 ) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in trainer.state().items()}
     tensors |= {f"sampler/{n}": g.get_state() for n, g in samplers.items()}
-    meta = {"run": identity, "step": str(trainer.step_count)}
+    meta = {"run": identity, "step": str(trainer.step_count), "seconds": f"{seconds:.3f}"}
     tmp = out / f".{CHECKPOINT}.tmp"
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, out / CHECKPOINT)
@@ -80,10 +84,11 @@ def _save_checkpoint(
 
 def _resume(
     out: Path, trainer: AdapterTrainer, samplers: dict[str, torch.Generator], identity: str
-) -> int:
+) -> tuple[int, float]:
+    """The step a run in ``out`` reached and its training seconds so far ((0, 0.0): none)."""
     file = out / CHECKPOINT
     if not file.is_file():
-        return 0
+        return 0, 0.0
     from safetensors import safe_open
 
     with safe_open(str(file), "pt") as f:
@@ -98,7 +103,7 @@ def _resume(
     trainer.load_state(tensors, step)
     for name, gen in samplers.items():
         gen.set_state(tensors[f"sampler/{name}"])
-    return step
+    return step, float(meta.get("seconds", 0.0))
 
 
 def train_adapters(
@@ -120,7 +125,7 @@ def train_adapters(
     trainer = AdapterTrainer(model, config, names)
     samplers = _samplers(config, names)
     identity = _run_identity(config, data, base_model)
-    start_step = _resume(out, trainer, samplers, identity)
+    start_step, earlier_seconds = _resume(out, trainer, samplers, identity)
     held = {n: heldout_windows(d.held_out, config.seq_len, eval_windows) for n, d in data.items()}
     slots = {n: i for i, n in enumerate(names)}
     base_loss = dict(zip(names, mean_losses(model, [Job(held[n]) for n in names]), strict=True))
@@ -166,9 +171,11 @@ def train_adapters(
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
             if step % checkpoint_every == 0 or step == config.steps:
-                _save_checkpoint(out, trainer, samplers, identity)
+                seconds = earlier_seconds + time.perf_counter() - started
+                _save_checkpoint(out, trainer, samplers, identity, seconds)
     bar.close()
-    seconds = time.perf_counter() - started
+    ran = time.perf_counter() - started
+    seconds = earlier_seconds + ran
     final = evaluate()
     written = {}
     for name, layers in trainer.export().items():
@@ -182,6 +189,7 @@ def train_adapters(
             "held_out_loss": round(final[name], 5),
             "base_held_out_loss": round(base_loss[name], 5),
             "steps": config.steps,
+            "train_seconds": round(seconds, 1),
         }
         (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         written[name] = directory
@@ -192,5 +200,5 @@ def train_adapters(
         steps=config.steps,
         seconds=seconds,
         resumed_from=start_step,
-        tokens_per_second=tokens / seconds if seconds else 0.0,
+        tokens_per_second=tokens / ran if tokens else 0.0,
     )
