@@ -151,7 +151,7 @@ def sweep_report(
         "",
         f"Same base, data, budget ({args.steps} steps × {args.batch_size} windows × "
         f"{args.seq_len} tokens per language) and held-out windows as "
-        f"[table1.md](table1.md); seeds {args.seeds}; {total / 60:.0f} min in all. "
+        f"[table1.md](table1.md); seeds {args.seeds}; this invocation {total / 60:.0f} min. "
         "Relative improvement of held-out loss over the base (higher is better); "
         "**bold**: the best rate per kind.",
         "",
@@ -196,7 +196,8 @@ def report(
         "```",
         "",
         f"- Machine: {host.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}; {total / 60:.0f} min in all.",
+        f"torch {torch.__version__}; this invocation {total / 60:.0f} min (a built base and "
+        "finished runs are reused).",
         f"- Base: `mini` preset ({record['parameters'] / 1e6:.1f}M parameters), pre-trained "
         f"{record['training'].get('seconds', 0):.0f} s on {', '.join(record['languages'])} only "
         f"({record['training'].get('tokens', 0):,} tokens; held-out loss "
