@@ -5,36 +5,28 @@ the written table. No timing is asserted."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
-import yaml
 
 from flora.bench.replica_state import parse_states
 from flora.cli import main
 from flora.serve.config import LimitsConfig
-from flora.train import make_tiny_model
+from tests.bench.conftest import deployment_file
 from tests.serve.conftest import ADMIN_KEY, Stack
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
-    micro = make_tiny_model(
-        tmp_path_factory.mktemp("micro") / "model",
-        preset="micro",
-        languages=["python"],
-        progress=False,
-    )
+def stack(tmp_path_factory: pytest.TempPathFactory, micro_dir: Path):
     # a low rate per tenant, so the run meets 429s with Retry-After too
     limits = LimitsConfig(requests_per_second=2, burst=2, max_concurrent=2)
-    s = Stack(tmp_path_factory.mktemp("stack"), micro, limits=limits)
+    s = Stack(tmp_path_factory.mktemp("stack"), micro_dir, limits=limits)
     yield s
     s.close()
 
 
 def test_bench_load_classifies_every_request_and_sees_the_replica_idle(stack, tmp_path, capsys):
-    config = tmp_path / "deployment.yaml"
-    args = stack.args.model_dump(mode="json")
-    config.write_text(yaml.safe_dump({"applications": [{"name": "flora", "args": args}]}))
+    config = deployment_file(stack, tmp_path / "deployment.yaml")
     code = main(
         ["bench", "load", "--url", stack.url, "--admin-key", ADMIN_KEY, "--config", str(config),
          "--tenants", "3", "--concurrency", "6", "--seconds", "4", "--max-tokens", "10",

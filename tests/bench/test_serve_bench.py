@@ -5,36 +5,29 @@ No timing is asserted; equal greedy outputs over HTTP and in-process are."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
-import yaml
 
 from flora.cli import main
-from flora.train import make_tiny_model
+from tests.bench.conftest import deployment_file
 from tests.serve.conftest import ADMIN_KEY, Stack
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
-    micro = make_tiny_model(
-        tmp_path_factory.mktemp("micro") / "model",
-        preset="micro",
-        languages=["python"],
-        progress=False,
-    )
-    s = Stack(tmp_path_factory.mktemp("stack"), micro)
+def stack(tmp_path_factory: pytest.TempPathFactory, micro_dir: Path):
+    s = Stack(tmp_path_factory.mktemp("stack"), micro_dir)
     yield s
     s.close()
 
 
 def test_bench_serve_runs_both_paths_and_writes_the_table(stack, tmp_path, capsys):
-    config = tmp_path / "deployment.yaml"  # what `serve run` would be given for this stack
-    args = stack.args.model_dump(mode="json")
-    config.write_text(yaml.safe_dump({"applications": [{"name": "flora", "args": args}]}))
+    config = deployment_file(stack, tmp_path / "deployment.yaml")
     code = main(
         ["bench", "serve", "--url", stack.url, "--admin-key", ADMIN_KEY, "--config", str(config),
-         "--model-dir", args["model"], "--tenants", "3", "--concurrency", "4", "--requests", "7",
-         "--prompt-tokens", "6", "--max-tokens", "5", "--out", str(tmp_path), "--name", "serve"]
+         "--model-dir", str(stack.args.model), "--tenants", "3", "--concurrency", "4",
+         "--requests", "7", "--prompt-tokens", "6", "--max-tokens", "5", "--out", str(tmp_path),
+         "--name", "serve"]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
