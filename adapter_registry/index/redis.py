@@ -26,6 +26,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from adapter_registry.breaker import Breaker
 from adapter_registry.errors import Conflict, NotFound, Unavailable
 from adapter_registry.index.base import EventCallback, Index, Subscription, deliver
 from adapter_registry.records import AdapterRecord, AdapterStatus, Event, Tenant
@@ -46,29 +47,45 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _available(method: F) -> F:
-    """Turn "Redis is down" into :class:`Unavailable` (HTTP 503) with the URL to check."""
+    """Turn "Redis is down" into :class:`Unavailable` (HTTP 503) with the URL to check, and
+    fail fast while it is known to be down (:class:`~adapter_registry.breaker.Breaker`)."""
 
     @functools.wraps(method)
     def wrapper(self: RedisIndex, *args: Any, **kwargs: Any) -> Any:
+        self.breaker.before()
+        message = f"the adapter index (Redis at {self.safe_url}) is unreachable"
         try:
-            return method(self, *args, **kwargs)
-        except _DOWN as e:
-            raise Unavailable(f"the adapter index (Redis at {self.safe_url}) is unreachable") from e
+            result = method(self, *args, **kwargs)
+        except redis.TimeoutError as e:  # hung: hold callers off rather than each wait it out
+            self.breaker.failed(message)
+            raise Unavailable(message) from e
+        except redis.ConnectionError as e:  # refused: fails fast by itself, and a restarted
+            self.breaker.succeeded()  # server must be used at once
+            raise Unavailable(message) from e
+        except BaseException:  # Redis answered (a conflict, a missing key): it is up
+            self.breaker.succeeded()
+            raise
+        self.breaker.succeeded()
+        return result
 
     return wrapper  # type: ignore[return-value]
 
 
 class RedisIndex(Index):
-    def __init__(self, url: str, *, namespace: str = "flora:"):
+    def __init__(self, url: str, *, namespace: str = "flora:", cooldown_s: float = 2.0):
         self.ns = namespace
         self.safe_url = hide_password(url)
+        self.breaker = Breaker(cooldown_s)
         self.client = redis.Redis.from_url(
             url,
             decode_responses=True,
             socket_timeout=5,
             socket_connect_timeout=2,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            # a refused or dropped connection (a restart) is worth retrying at once; a timeout
+            # (a hung server) is not: retrying it only multiplies the wait
+            retry=Retry(
+                ExponentialBackoff(cap=0.5, base=0.05), 3, supported_errors=(redis.ConnectionError,)
+            ),
             health_check_interval=15,
         )
         # pub/sub on its own client that never reconnects behind the subscription's back: a

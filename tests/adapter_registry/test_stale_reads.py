@@ -1,9 +1,13 @@
 """Reads through a Redis outage (found by the fault runs, tests/reliability): keys and adapter
 lookups read before the outage keep answering from the last known index, writes and never-read
-lookups answer 503 — with ``Retry-After`` — and the fallback ends after ``stale_reads_s``."""
+lookups answer 503 — with ``Retry-After`` — and the fallback ends after ``stale_reads_s``.
+A hung Redis (SIGSTOP) costs one socket timeout, then the breaker answers at once."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from adapter_registry import (
     Registry,
     Unavailable,
 )
+from adapter_registry.breaker import Breaker
 from adapter_registry.index.redis import RedisIndex
 from adapter_registry.last_known import LastKnown
 from tests.adapter_registry.conftest import (
@@ -102,3 +107,68 @@ def test_last_known_answers_only_within_its_age_and_never_remembers_refusals():
     off.read("a", lambda: "A")
     with pytest.raises(Unavailable):
         off.read("a", down)
+
+
+def test_a_hung_redis_costs_one_timeout_then_answers_at_once(
+    own_redis: RedisServer, s3_server: S3Server
+):
+    """A stopped redis-server accepts connections and never answers. Before the breaker, each
+    read waited 20-80 s (timeouts retried, then the health check's) before the last known
+    answer served it, and a write took 84 s to answer 503."""
+    registry = Registry(
+        RedisIndex(own_redis.url, cooldown_s=1.0),
+        s3_store(),
+        BaseModelCatalog([SPEC]),
+        admin_key=ADMIN_KEY,
+        max_adapter_bytes=MAX_BYTES,
+    )
+    _, key = registry.create_tenant("acme")
+    config, weights = adapter_bytes(seed=1)
+    py = registry.register(ACME, AdapterMeta("py"), config, weights)
+    assert registry.authenticate(key) == ACME and registry.get(ACME, "py") == py
+    pid = own_redis.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert registry.authenticate(key) == ACME  # waits out one socket timeout (5 s)
+        assert time.monotonic() - started < 8
+        started = time.monotonic()
+        for _ in range(20):
+            assert registry.authenticate(key) == ACME
+            assert registry.get(ACME, "py") == py
+        with pytest.raises(Unavailable, match="failing fast"):
+            registry.register(ACME, AdapterMeta("py2"), config, weights)
+        assert time.monotonic() - started < 1.0  # 41 calls, none waited for Redis
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10  # the next probe after the cool-down finds it back
+    while True:
+        try:
+            assert registry.register(ACME, AdapterMeta("py2"), config, weights).version == 1
+            break
+        except Unavailable:
+            assert time.monotonic() < deadline, "Redis did not come back within 10 s"
+            time.sleep(0.2)
+    assert not registry.index.breaker.is_open
+
+
+def test_the_breaker_holds_callers_off_then_lets_one_probe():
+    now = [0.0]
+    breaker = Breaker(cooldown_s=2, clock=lambda: now[0])
+    breaker.before()  # closed
+    breaker.failed("index down")
+    with pytest.raises(Unavailable, match=r"index down \(failing fast"):
+        breaker.before()
+    now[0] = 2.5
+    breaker.before()  # the probe
+    with pytest.raises(Unavailable):
+        breaker.before()  # others keep failing fast while it runs
+    breaker.failed("still down")  # the probe failed: open again for the cool-down
+    with pytest.raises(Unavailable, match="still down"):
+        breaker.before()
+    now[0] = 5.0
+    breaker.before()
+    breaker.succeeded()
+    assert not breaker.is_open
+    breaker.before()
+    breaker.before()
