@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from flora.bench.deployment_args import add_deployment_args
+from flora.bench.deployment_args import admin_key as deployment_admin_key
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -18,8 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "client timeout each), classify every outcome, and check that the replicas return to "
         "idle afterwards. Writes docs/benchmarks/<name>.{md,csv}.",
     )
-    s.add_argument("--url", default="http://127.0.0.1:8000", help="the deployment's HTTP address")
-    s.add_argument("--admin-key", help="creates the tenants (default: $FLORA_ADMIN_KEY)")
+    add_deployment_args(s)
     s.add_argument(
         "--model-dir",
         help="the served checkpoint, for adapter shapes (default: the config's model)",
@@ -46,9 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from flora.bench import load_report
     from flora.bench.load_setup import connect, prepare, run_level
 
-    admin_key = args.admin_key or os.environ.get("FLORA_ADMIN_KEY")
+    admin_key = deployment_admin_key(args)
     if not admin_key:
-        print("error: give --admin-key or set FLORA_ADMIN_KEY", file=sys.stderr)
         return 2
     deployment, error = connect(args.url, admin_key)
     if deployment is None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from flora.bench.deployment_args import add_deployment_args
+from flora.bench.deployment_args import admin_key as deployment_admin_key
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -18,8 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "workload through the engine in this process with the config's engine settings. "
         "Writes docs/benchmarks/<name>.{md,csv}.",
     )
-    s.add_argument("--url", default="http://127.0.0.1:8000", help="the deployment's HTTP address")
-    s.add_argument("--admin-key", help="creates the tenants (default: $FLORA_ADMIN_KEY)")
+    add_deployment_args(s)
     s.add_argument(
         "--config",
         default="deployments/starcoder.yaml",
@@ -55,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from flora.serve.config import ServeArgs
     from flora.serve.model_dir import prepare_model
 
-    admin_key = args.admin_key or os.environ.get("FLORA_ADMIN_KEY")
+    admin_key = deployment_admin_key(args)
     if not admin_key:
-        print("error: give --admin-key or set FLORA_ADMIN_KEY", file=sys.stderr)
         return 2
     config = yaml.safe_load(Path(args.config).read_text())
     serve_args = ServeArgs.model_validate(config["applications"][0].get("args") or {})
