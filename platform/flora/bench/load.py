@@ -237,7 +237,7 @@ def _refused(sample: Sample, response: httpx.Response, body: bytes) -> None:
         except ValueError:
             sample.retry_after = None
         sample.outcome = (
-            Outcome.REJECTED if sample.retry_after is not None else (Outcome.NO_RETRY_AFTER)
+            Outcome.REJECTED if sample.retry_after is not None else Outcome.NO_RETRY_AFTER
         )
     else:
         sample.outcome = Outcome.HTTP_ERROR

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     import re
 
     from flora.bench import load_report
-    from flora.bench.load_setup import connect, prepare, run_level
+    from flora.bench.deployment_args import connect
+    from flora.bench.load_setup import prepare, run_level
 
     admin_key = deployment_admin_key(args)
     if not admin_key:

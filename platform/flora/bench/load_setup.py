@@ -1,5 +1,5 @@
-"""Setting up a load run: reach the deployment, make tenants and adapters, warm them, and run
-one concurrency level with the idle check and the replica's RSS around it."""
+"""Setting up a load run: make tenants and adapters on a reachable deployment, warm them, and
+run one concurrency level with the idle check and the replica's RSS around it."""
 
 from __future__ import annotations
 
@@ -12,33 +12,11 @@ from typing import Any
 
 import httpx
 
+from flora.bench.deployment_args import serve_args
 from flora.bench.load import LoadClient, LoadWorkload, Target, make_targets
 from flora.bench.load_report import LoadResult
 from flora.bench.replica_state import wait_idle
 from flora.bench.serve import Deployment
-
-
-def connect(url: str, admin_key: str) -> tuple[Deployment | None, str]:
-    """The deployment if ``/readyz`` answers 200, else None and why."""
-    deployment = Deployment(url, admin_key)
-    try:
-        ready = httpx.get(deployment.url + "/readyz", timeout=30)
-    except httpx.HTTPError as e:
-        return None, f"cannot reach {deployment.url}: {e}"
-    if ready.status_code != 200:
-        return None, f"{deployment.url}/readyz answers {ready.status_code}: {ready.text[:300]}"
-    return deployment, ""
-
-
-def model_dir_of(config: Path) -> Path:
-    """The served checkpoint as a replica finds it (``serve_cli`` does the same)."""
-    import yaml
-
-    from flora.serve.config import ServeArgs
-    from flora.serve.model_dir import prepare_model
-
-    doc = yaml.safe_load(config.read_text())
-    return prepare_model(ServeArgs.model_validate(doc["applications"][0].get("args") or {}).model)
 
 
 @dataclass
@@ -93,8 +71,9 @@ def prepare(
     seed: int = 0,
 ) -> LoadSetup:
     from flora.model import ModelArgs
+    from flora.serve.model_dir import prepare_model
 
-    model_dir = model_dir or model_dir_of(config)
+    model_dir = model_dir or prepare_model(serve_args(config).model)
     names = deployment.create_tenants(tenants)
     served = deployment.served_model()
     root = Path(tempfile.mkdtemp(prefix="flora-bench-load-"))

@@ -112,7 +112,6 @@ async def wait_idle(
     """Probe and read ``/metrics`` until every replica that answered a probe is idle."""
     start = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        before = await read_states(client, admin_key)
         reached: set[str] = set()
         while True:
             steps = {
@@ -127,5 +126,5 @@ async def wait_idle(
                 stale = sorted(set(states) - reached)
                 return IdleCheck(True, elapsed, states, stale)
             if elapsed > timeout:
-                return IdleCheck(False, elapsed, states or before, sorted(set(states) - reached))
+                return IdleCheck(False, elapsed, states, sorted(set(states) - reached))
             await asyncio.sleep(every)

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from flora.bench.deployment_args import add_deployment_args
+from flora.bench.deployment_args import add_deployment_args, connect
 from flora.bench.deployment_args import admin_key as deployment_admin_key
+from flora.bench.deployment_args import serve_args as deployment_serve_args
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -46,21 +47,17 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import tempfile
 
-    import httpx
     import torch
-    import yaml
 
     from flora.bench import serve as bench
     from flora.engine import EngineConfig
     from flora.model import ModelArgs
-    from flora.serve.config import ServeArgs
     from flora.serve.model_dir import prepare_model
 
     admin_key = deployment_admin_key(args)
     if not admin_key:
         return 2
-    config = yaml.safe_load(Path(args.config).read_text())
-    serve_args = ServeArgs.model_validate(config["applications"][0].get("args") or {})
+    serve_args = deployment_serve_args(Path(args.config))
     model_dir = Path(args.model_dir) if args.model_dir else prepare_model(serve_args.model)
     model_args = ModelArgs.from_dir(model_dir)
     workload = bench.ServeWorkload(
@@ -74,14 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if workload.prompt_tokens + workload.max_tokens > model_args.n_positions:
         print(f"error: prompt + max_tokens exceed the context ({model_args.n_positions})")
         return 2
-    deployment = bench.Deployment(args.url, admin_key)
-    try:
-        ready = httpx.get(deployment.url + "/readyz", timeout=30)
-    except httpx.HTTPError as e:
-        print(f"error: cannot reach {deployment.url}: {e}", file=sys.stderr)
-        return 2
-    if ready.status_code != 200:
-        print(f"error: {deployment.url}/readyz answers {ready.status_code}: {ready.text[:300]}")
+    deployment, error = connect(args.url, admin_key)
+    if deployment is None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
     tenants = deployment.create_tenants(workload.tenants)
