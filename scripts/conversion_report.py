@@ -8,8 +8,8 @@ mean square of each input feature on calibration code), it fits the conversion
 the weight-space relative error (mean over layers; 1.0 = no better than the base model), the
 mean |Δlogit|, KL(p_LoRA ‖ p_FLoRA) per token, and the held-out loss next to the base model's
 and the LoRA model's. Calibration and held-out windows come from disjoint files of the local
-corpus (:func:`flora.train.convert_cli.corpus_windows`). Prints a markdown table and writes it,
-with the command and the machine, to docs/results/conversion.md.
+corpus, split as `flora train` splits it (:func:`flora.train.convert_cli.corpus`). Prints a
+markdown table and writes it, with the command and the machine, to docs/results/conversion.md.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from flora.bench.report import machine
 from flora.model import GPTBigCode, load_adapter_dir, load_model
 from flora.model.checkpoint import resolve_model_dir
 from flora.train import conversion
-from flora.train.convert_cli import corpus_windows
+from flora.train.convert_cli import corpus, corpus_windows
 
 LORA_SLOT, FLORA_SLOT = 0, 1
 BASE = -1  # no adapter
@@ -155,12 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lora = {p: w for p, w in adapter.layers.items() if isinstance(w, LoraWeights)}
     seq_len = min(args.seq_len, net.args.n_positions)
-    calib = corpus_windows(
-        model_dir, args.language, args.calibration_windows, seq_len, seed=args.seed
-    )
-    held = corpus_windows(
-        model_dir, args.language, args.eval_windows, seq_len, held_out=True, seed=args.seed
-    )
+    text = corpus(model_dir, args.language)
+    calib = corpus_windows(text, args.calibration_windows, seq_len, seed=args.seed)
+    held = corpus_windows(text, args.eval_windows, seq_len, held_out=True)
     s = conversion.collect_calibration(net, calib[:, :-1], batch_size=args.batch)
 
     max_rank = max(*args.ranks, adapter.rank)

@@ -284,8 +284,10 @@ def test_calibration_and_held_out_windows_follow_the_training_split(micro_dir: P
     from flora.train.datasets import heldout_windows, load_language_data
 
     data = load_language_data(Tokenizer.from_dir(micro_dir), None, ["python"])["python"]
-    calibration = convert_cli.corpus_windows(micro_dir, "python", 6, 32, seed=3)
-    held = convert_cli.corpus_windows(micro_dir, "python", 6, 32, held_out=True)
+    text = convert_cli.corpus(micro_dir, "python")
+    assert torch.equal(text.train, data.train) and torch.equal(text.held_out, data.held_out)
+    calibration = convert_cli.corpus_windows(text, 6, 32, seed=3)
+    held = convert_cli.corpus_windows(text, 6, 32, held_out=True)
     assert calibration.shape == (6, 33) and held.shape == (6, 33)
 
     def inside(window: torch.Tensor, stream: torch.Tensor) -> bool:
@@ -296,4 +298,4 @@ def test_calibration_and_held_out_windows_follow_the_training_split(micro_dir: P
     # the windows `flora eval loss` and Table 1 score: spread over the held-out files
     assert torch.equal(held, heldout_windows(data.held_out, 32, 6))
     # the same seed draws the same calibration windows
-    assert torch.equal(calibration, convert_cli.corpus_windows(micro_dir, "python", 6, 32, seed=3))
+    assert torch.equal(calibration, convert_cli.corpus_windows(text, 6, 32, seed=3))

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from flora.train.datasets import LanguageData
+
 DEFAULT_SEQ_LEN = 128
 DEFAULT_LANGUAGE = "python"
 
@@ -56,30 +58,26 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=run)
 
 
-def corpus_windows(
-    model_dir: str | Path,
-    language: str,
-    n: int,
-    seq_len: int,
-    *,
-    held_out: bool = False,
-    seed: int = 0,
-    source: str | Path | None = None,
-) -> torch.Tensor:
-    """``[n, seq_len + 1]`` windows of ``language`` text, tokenized with the model's tokenizer.
+def corpus(model_dir: str | Path, language: str, source: str | Path | None = None) -> LanguageData:
+    """``language`` text tokenized with the model's tokenizer, split by file exactly as
+    ``flora train`` and ``flora eval`` split it by default (source, held-out fraction, data
+    seed), so its held-out side is text the LoRA never trained on."""
+    from flora.model.tokenizer import Tokenizer
+    from flora.train.datasets import load_language_data
 
-    The text and its by-file split are ``flora train``'s and ``flora eval``'s defaults (the same
-    source, held-out fraction and data seed), so the held-out side is text the LoRA never
-    trained on, and calibration draws from the training side. Training windows are sampled
-    (``seed``); held-out ones are spread evenly over the held-out text (at most ``n``).
-    """
+    return load_language_data(Tokenizer.from_dir(model_dir), source, [language])[language]
+
+
+def corpus_windows(
+    data: LanguageData, n: int, seq_len: int, *, held_out: bool = False, seed: int = 0
+) -> torch.Tensor:
+    """``[n, seq_len + 1]`` windows: sampled (``seed``) from the training side, for
+    calibration, or spread evenly over the held-out side (at most ``n``), for scoring."""
     import torch
 
-    from flora.model.tokenizer import Tokenizer
-    from flora.train.datasets import heldout_windows, load_language_data
+    from flora.train.datasets import heldout_windows
     from flora.train.tiny_model import random_windows
 
-    data = load_language_data(Tokenizer.from_dir(model_dir), source, [language])[language]
     if held_out:
         return heldout_windows(data.held_out, seq_len, n)
     return random_windows(data.train, n, seq_len, torch.Generator().manual_seed(seed))
@@ -122,14 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration_windows > 0:
         seq_len = min(args.seq_len, model.args.n_positions)
         try:
-            windows = corpus_windows(
-                model_dir,
-                args.language,
-                args.calibration_windows,
-                seq_len,
-                seed=args.seed,
-                source=args.data,
-            )
+            data = corpus(model_dir, args.language, args.data)
+            windows = corpus_windows(data, args.calibration_windows, seq_len, seed=args.seed)
         except (ValueError, OSError) as e:
             return _error(f"calibration text: {e}")
         calibration = conversion.collect_calibration(model, windows[:, :-1])
