@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-from datetime import UTC, datetime
 from pathlib import Path
 
 from flora.bench.engine import Result
-from flora.bench.report import machine
+from flora.bench.report import write_run_report
 
 NO_ADAPTERS = "no adapters"
 
@@ -77,41 +75,31 @@ def write(
     header: list[str],
     command: str,
 ) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / f"{name}.md"
-    lines = [
-        f"# Engine throughput: {name}",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine(device)}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
-        "",
-        *header,
-        "",
-        *table(results),
-        "",
-        "## Targets",
-        "",
-        *checks(results),
-    ]
+    body = [*header, "", *table(results), "", "## Targets", "", *checks(results)]
     if latency:
-        lines += ["", "## Per-token latency under Poisson arrivals", "", *latency_table(latency)]
-    md.write_text("\n".join(lines) + "\n")
-    with open(out_dir / f"{name}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "kind", "rank", "tokens_per_s", "spread", "itl_p50_ms", "itl_p99_ms"])
-        for r in results:
-            w.writerow(
-                [
-                    r.method.name,
-                    r.method.kind or "",
-                    r.method.rank,
-                    f"{r.throughput:.1f}",
-                    f"{r.spread:.3f}",
-                    f"{1e3 * r.itl_percentile(0.5):.2f}",
-                    f"{1e3 * r.itl_percentile(0.99):.2f}",
-                ]
-            )
+        body += ["", "## Per-token latency under Poisson arrivals", "", *latency_table(latency)]
+    columns = ["method", "kind", "rank", "tokens_per_s", "spread", "itl_p50_ms", "itl_p99_ms"]
+    rows = [
+        [
+            r.method.name,
+            r.method.kind or "",
+            r.method.rank,
+            f"{r.throughput:.1f}",
+            f"{r.spread:.3f}",
+            f"{1e3 * r.itl_percentile(0.5):.2f}",
+            f"{1e3 * r.itl_percentile(0.99):.2f}",
+        ]
+        for r in results
+    ]
+    md = write_run_report(
+        out_dir,
+        name,
+        title=f"Engine throughput: {name}",
+        command=command,
+        body=body,
+        csv_rows=[columns, *rows],
+        device=device,
+    )
     _plot(results, out_dir / f"{name}.png", name)
     return md
 

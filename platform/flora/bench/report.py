@@ -159,9 +159,11 @@ def write_run_report(
     command: str,
     body: list[str],
     csv_rows: list[list[object]],
+    device: torch.device | None = None,
 ) -> FsPath:
-    """``name.md`` (title, command, this machine, the date, then ``body``) and ``name.csv``
-    (``csv_rows``, the first one its header) under ``out_dir``; returns the markdown's path."""
+    """``name.md`` (title, command, this machine with ``device``, the date, then ``body``) and
+    ``name.csv`` (``csv_rows``, the first one its header) under ``out_dir``; returns the
+    markdown's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{name}.md"
     text = [
@@ -169,7 +171,8 @@ def write_run_report(
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {machine(torch.device('cpu'))}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+        f"Machine: {machine(device or torch.device('cpu'))}; "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
         "",
         *body,
     ]
