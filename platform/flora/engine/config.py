@@ -40,6 +40,14 @@ class EngineConfig(BaseModel):
     adapter_paths: dict[AdapterKind, Path] = Field(
         default_factory=dict, description="Force a path per kind (benchmarks); default: dispatcher."
     )
+    max_adapter_magnitude: float = Field(
+        1000.0,
+        gt=0.0,
+        le=3.0e38,
+        description="Largest |value| an adapter may hold or apply per weight (every stored factor, "
+        "LoRA's |ΔW|, FLoRA's |W_i / W0|, IA3's |l|); larger ones are refused before loading. "
+        "Trained adapters sit far below (LoRA ~0.05, FLoRA and IA3 ~1).",
+    )
     host_cache_bytes: int = Field(1 << 30, ge=0, description="Parsed adapters kept in memory.")
     adapter_cache_dir: pathlib.Path = Field(default_factory=default_cache_dir)
     load_workers: int = Field(2, ge=1, description="Threads fetching and parsing adapters.")
