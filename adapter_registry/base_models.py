@@ -12,14 +12,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from adapter_format import ModelShape, ServingLimits
 from adapter_registry.errors import InvalidAdapter
-
-# HF module paths under transformer.h.{i} that adapters may target
-MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class BaseModelSpec(BaseModel):
-    """A GPTBigCode shape: enough to know every adaptable linear's ``(in, out)``."""
+    """A GPTBigCode shape (enough to know every adaptable linear's ``(in, out)``) and what the
+    engines serving it accept: the registry refuses at upload what they would refuse at load."""
 
     name: str
     n_layer: int = Field(ge=1)
@@ -27,25 +26,27 @@ class BaseModelSpec(BaseModel):
     n_head: int = Field(ge=1)
     multi_query: bool = True
     n_inner: int | None = None
+    limits: ServingLimits = Field(default_factory=ServingLimits)
 
     @classmethod
-    def from_hf_config(cls, name: str, config: dict) -> BaseModelSpec:
+    def from_hf_config(
+        cls, name: str, config: dict, limits: ServingLimits | None = None
+    ) -> BaseModelSpec:
         if config.get("model_type") not in (None, "gpt_bigcode"):
             raise ValueError(f"{name}: model_type {config.get('model_type')!r} is not gpt_bigcode")
         keys = ("n_layer", "n_embd", "n_head", "multi_query", "n_inner")
-        return cls(name=name, **{k: config[k] for k in keys if config.get(k) is not None})
+        fields = {k: config[k] for k in keys if config.get(k) is not None}
+        return cls(name=name, limits=limits or ServingLimits(), **fields)
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(
+            self.name, self.n_layer, self.n_embd, self.n_head, self.multi_query, self.n_inner
+        )
 
     def module_shape(self, module: str) -> tuple[int, int]:
         """``(in_features, out_features)`` of ``attn.c_attn`` etc."""
-        head_dim = self.n_embd // self.n_head
-        kv = 2 * head_dim * (1 if self.multi_query else self.n_head)
-        inner = self.n_inner or 4 * self.n_embd
-        return {
-            "attn.c_attn": (self.n_embd, self.n_embd + kv),
-            "attn.c_proj": (self.n_embd, self.n_embd),
-            "mlp.c_fc": (self.n_embd, inner),
-            "mlp.c_proj": (inner, self.n_embd),
-        }[module]
+        return self.shape.module_shape(module)
 
 
 _STARCODER = {

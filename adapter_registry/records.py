@@ -7,11 +7,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class AdapterKind(StrEnum):
-    FLORA = "flora"
-    LORA = "lora"
-    IA3 = "ia3"
+from adapter_format import AdapterKind
 
 
 class AdapterStatus(StrEnum):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,8 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    # the values, shaped (a view of the file's bytes; BF16 widened to float32)
+    values: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.empty(0))
 
 
 def read_safetensors(data: bytes, filename: str = "adapter_model.safetensors") -> list[TensorInfo]:
@@ -48,9 +50,10 @@ def read_safetensors(data: bytes, filename: str = "adapter_model.safetensors") -
         spans.append((begin, end, name))
         infos.append(info)
     _check_tiling(spans, len(data) - base, filename)
-    for info, (begin, end, _) in zip(infos, spans, strict=True):
-        _check_finite(info, data[base + begin : base + end], filename)
-    return infos
+    return [
+        _with_values(info, data[base + begin : base + end], filename)
+        for info, (begin, end, _) in zip(infos, spans, strict=True)
+    ]
 
 
 def _header(data: bytes, filename: str) -> tuple[dict, int]:
@@ -111,9 +114,11 @@ def _check_tiling(spans: list[tuple[int, int, str]], data_bytes: int, filename: 
         )
 
 
-def _check_finite(info: TensorInfo, raw: bytes, filename: str) -> None:
+def _with_values(info: TensorInfo, raw: bytes, filename: str) -> TensorInfo:
+    """``info`` with its values, after checking every one is finite."""
     values = np.frombuffer(raw, dtype=_FLOATS[info.dtype])
     if info.dtype == "BF16":
         values = (values.astype(np.uint32) << 16).view(np.float32)
     if values.size and not np.isfinite(values).all():
         raise InvalidAdapter(f"{filename}: tensor {info.name!r} holds NaN or infinite values")
+    return TensorInfo(info.name, info.dtype, info.shape, values.reshape(info.shape))

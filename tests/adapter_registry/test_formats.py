@@ -382,7 +382,7 @@ CONFIG_CASES = {
     "base model not a string": (
         InvalidAdapter,
         422,
-        r"no base model",
+        r"base_model_name_or_path must be a string",
         flora(base_model_name_or_path=["test/mqa"]),
         FLORA2,
         {},
@@ -447,26 +447,10 @@ CONFIG_CASES = {
         LORA2,
         {},
     ),
-    "rank_pattern regex that backtracks": (
-        InvalidAdapter,
-        422,
-        r"rank_pattern key '\(a\+\)\+b': too complex to evaluate safely",
-        lora(rank_pattern={"(a+)+b": 4}),
-        LORA2,
-        {},
-    ),
-    "rank_pattern many repeats": (
-        InvalidAdapter,
-        422,
-        r"too complex",
-        lora(rank_pattern={r".*\..*\..*": 4}),
-        LORA2,
-        {},
-    ),
     "rank_pattern invalid regex": (
         InvalidAdapter,
         422,
-        r"rank_pattern key '\[': ",
+        r"rank_pattern key '\[' is not a pattern this server can match in linear time",
         lora(rank_pattern={"[": 4}),
         LORA2,
         {},
@@ -484,14 +468,6 @@ CONFIG_CASES = {
         422,
         r"rank_pattern\[.*\] must be an integer",
         lora(rank_pattern={"c_attn": 0}),
-        LORA2,
-        {},
-    ),
-    "alpha_pattern regex": (
-        InvalidAdapter,
-        422,
-        r"alpha_pattern key .*too complex",
-        lora(alpha_pattern={"(x*)*": 4}),
         LORA2,
         {},
     ),
@@ -618,14 +594,6 @@ CONFIG_CASES = {
         _ia3((N_OUT + 1, 1)),
         {},
     ),
-    "ia3 feedforward_modules regex that backtracks": (
-        InvalidAdapter,
-        422,
-        r"feedforward_modules key .*too complex",
-        adapter_config("ia3", 1, feedforward_modules="(a|aa)+$"),
-        _ia3((N_OUT, 1)),
-        {},
-    ),
 }
 
 
@@ -749,4 +717,4 @@ def test_error_messages_never_echo_huge_input():
     long_key = "k" * 5000
     with pytest.raises(InvalidAdapter) as caught:
         validate(lora(rank_pattern={long_key: 2}), LORA2)
-    assert len(caught.value.message) < 300 and re.search("too complex", caught.value.message)
+    assert len(caught.value.message) < 300 and re.search("the limit is 200", caught.value.message)

@@ -78,7 +78,7 @@ def test_non_finite_values(lora_dir, value):
         t[KEY_B][3, 1] = value
 
     edit_tensors(lora_dir, poison)
-    with pytest.raises(AdapterFileError, match="NaN or Inf") as err:
+    with pytest.raises(AdapterFileError, match="NaN or infinite") as err:
         load_adapter_dir(lora_dir, ARGS)
     assert C_ATTN[0] in str(err.value)
 
@@ -86,9 +86,9 @@ def test_non_finite_values(lora_dir, value):
 @pytest.mark.parametrize(
     "key, shape, words",
     [
-        (KEY_A, (4, E - 1), ["[4, 64]", "[4, 63]"]),
-        (KEY_B, (QKV - 32, 4), ["[96, 4]", "[64, 4]"]),
-        (KEY_A, (4, E, 1), ["2-D"]),
+        (KEY_A, (4, E - 1), ["(4, 64)", "(4, 63)"]),
+        (KEY_B, (QKV - 32, 4), ["(96, 4)", "(64, 4)"]),
+        (KEY_A, (4, E, 1), ["(4, 64)", "(4, 64, 1)"]),
     ],
 )
 def test_wrong_shapes(lora_dir, key, shape, words):
@@ -101,7 +101,7 @@ def test_wrong_shapes(lora_dir, key, shape, words):
 
 def test_rank_mismatch_between_a_and_b(lora_dir):
     edit_tensors(lora_dir, lambda t: t.update({KEY_B: torch.ones(QKV, 3)}))
-    with pytest.raises(AdapterFileError, match=r"B must be \[out, r\]"):
+    with pytest.raises(AdapterFileError, match=r"lora_B.weight \(96, 4\) \(r=4 in"):
         load_adapter_dir(lora_dir, ARGS)
 
 

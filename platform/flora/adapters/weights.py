@@ -7,21 +7,13 @@ output side ``[out, r]``. FLoRA's adapted weight is ``W ∘ (B A / r)``; LoRA ad
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
 import torch
 
+from adapter_format import AdapterKind
 from flora.adapters.errors import InvalidAdapterError
-
-
-class AdapterKind(enum.StrEnum):
-    """How an adapter changes a linear layer."""
-
-    FLORA = "flora"
-    LORA = "lora"
-    IA3 = "ia3"
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
