@@ -45,12 +45,16 @@ class AdapterConfig:
     target_modules: tuple[str, ...] | str
     feedforward_modules: tuple[str, ...] | str
 
-    @classmethod
-    def parse(cls, data: bytes) -> AdapterConfig:
+    @staticmethod
+    def check_size(data: bytes) -> None:
         if len(data) > MAX_CONFIG_BYTES:
             raise AdapterFormatError(
                 f"{CONFIG_FILE} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}"
             )
+
+    @classmethod
+    def parse(cls, data: bytes) -> AdapterConfig:
+        cls.check_size(data)
         try:
             config = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

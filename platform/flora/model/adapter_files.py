@@ -64,13 +64,18 @@ def model_shape(args: ModelArgs, name: str = "this model") -> ModelShape:
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict, with the format's size and JSON checks."""
     file = Path(directory) / CONFIG_FILE
     if not file.is_file():
         raise AdapterFileError(f"{file} not found")
+    data = file.read_bytes()
     try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{file} is not valid JSON: {e}") from e
+        AdapterConfig.check_size(data)
+        config = json.loads(data.decode("utf-8"))
+    except AdapterFormatError as e:
+        raise AdapterFileError(e.message) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterFileError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{file} must hold a JSON object")
     return config
