@@ -13,6 +13,8 @@ from adapter_registry.errors import InvalidName
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # user ids come from client systems
+# ASCII digits only: ``str.isdigit`` and ``int`` also take "²", "٣" or "𝟙" (read as 1)
+_VERSION = re.compile(r"[0-9]{1,12}")
 GLOBAL = "_global"  # the scope of public adapters; the leading "_" keeps it out of tenant names
 RESERVED = frozenset({"resolve", "base"})  # clash with routes and with `model: "base"`
 
@@ -53,6 +55,25 @@ def check_optional(value: str | None, what: str) -> str | None:
     return check_user(value) if what == "user" else check_name(value, what)
 
 
+class InvalidVersion(InvalidName):
+    """The ``@version`` of a reference is not a version (a 400 wherever it arrives, also as a
+    completion's ``model``, where a name that is merely unknown or invalid is a 404)."""
+
+
+def parse_version(version: str, text: str) -> int:
+    """``version`` (the part after ``@`` of ``text``) as an int ≥ 1, else :class:`InvalidVersion`.
+
+    Only ASCII digits count: "x@²", "x@٣" and "x@𝟙" are refused, never read as another number.
+    """
+    if not _VERSION.fullmatch(version) or int(version) < 1:
+        shown = text if len(text) <= 80 else text[:80] + "…"
+        raise InvalidVersion(
+            f"invalid version {version[:20]!r} in {shown!r}: expected name@N, where N is a "
+            "number ≥ 1 written with the ASCII digits 0-9 (at most 12)"
+        )
+    return int(version)
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """``name`` or ``name@version`` as clients write it."""
@@ -62,12 +83,13 @@ class AdapterSpec:
 
     @classmethod
     def parse(cls, text: str) -> AdapterSpec:
+        """The name is checked first, so an invalid name is always an invalid name whatever
+        follows its ``@``; then the version (:func:`parse_version`)."""
         name, sep, version = text.partition("@")
+        name = check_adapter_name(name)
         if not sep:
-            return cls(check_adapter_name(name))
-        if not version.isdigit() or int(version) < 1 or len(version) > 12:
-            raise InvalidName(f"invalid version {version!r} in {text!r}: expected name@N, N ≥ 1")
-        return cls(check_adapter_name(name), int(version))
+            return cls(name)
+        return cls(name, parse_version(version, text))
 
     def __str__(self) -> str:
         return self.name if self.version is None else f"{self.name}@{self.version}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -116,3 +117,24 @@ def test_shutdown_answers_in_flight_requests(make_engine):
 
     stream = asyncio.run(main())
     assert stream[-1].finished and stream[-1].finish_reason is FinishReason.ABORT
+
+
+def test_a_caller_that_stops_waiting_does_not_stop_the_loop(make_engine, seed):
+    """A call whose awaiting task is cancelled before the loop reaches it (a /readyz ping that
+    timed out, a client gone during admission) is skipped; the loop thread keeps serving."""
+    prompts = random_prompts(seed, [5])
+
+    async def main():
+        async with AsyncEngine(make_engine()) as engine:
+            release = threading.Event()
+            engine.call(release.wait)  # the loop is busy until released
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await asyncio.wrap_future(engine.call(lambda: None))
+            release.set()
+            async with asyncio.timeout(30):  # a dead loop would never answer
+                outs = await collect(engine, Request(prompt_ids=prompts[0], params=greedy(3)))
+            return outs, engine.running
+
+    outs, running = asyncio.run(main())
+    assert running and outs[-1].finished and len(tokens_of(outs)) == 3

@@ -71,6 +71,7 @@ class Stack:
         model_dir: Path,
         limits: LimitsConfig | None = None,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+        engine: dict | None = None,
     ):
         self.registry = Registry(
             SqliteIndex(root / "index.sqlite3"),
@@ -82,7 +83,8 @@ class Stack:
         self.args = ServeArgs(
             model=str(model_dir),
             model_name=MODEL_NAME,
-            engine={"adapter_cache_dir": str(root / "cache"), "block_size": 8, "max_rank": 8},
+            engine={"adapter_cache_dir": str(root / "cache"), "block_size": 8, "max_rank": 8}
+            | (engine or {}),
             max_tokens_default=8,
             limits=limits or LimitsConfig(),
         )

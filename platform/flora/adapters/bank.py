@@ -36,6 +36,25 @@ TABLES: dict[AdapterKind, tuple[str, str]] = {
 }
 
 
+def folded(weights: AdapterWeights) -> dict[str, torch.Tensor]:
+    """What :meth:`AdapterBank.load` writes per table: ``Bᵀ`` with ``1/r`` (FLoRA) or PEFT's
+    scale (LoRA) folded in, computed in float64; IA3 fills one side only."""
+    if isinstance(weights, FloraWeights):
+        return {"flora_A": weights.A, "flora_Bt": weights.B.T.double() / weights.rank}
+    if isinstance(weights, LoraWeights):
+        return {"lora_A": weights.A, "lora_Bt": weights.B.T.double() * weights.scale}
+    return {"ia3_in" if weights.feedforward else "ia3_out": weights.scale}
+
+
+def fits(weights: AdapterWeights, dtype: torch.dtype) -> bool:
+    """Whether every table value of ``weights`` stays finite stored in ``dtype``.
+
+    A loader thread asks this before the engine installs an adapter, so an adapter that would
+    overflow the bank is refused at load, not on the engine thread.
+    """
+    return all(bool(torch.isfinite(v.to(dtype)).all()) for v in folded(weights).values())
+
+
 class BankConfig(BaseModel):
     """How many adapters one layer can hold at once, and of which kinds and ranks."""
 
@@ -111,7 +130,8 @@ class AdapterBank(nn.Module):
         """Write an adapter into ``slot``, replacing whatever was there.
 
         Raises :class:`InvalidAdapterError` (nothing is written) for wrong shapes, a rank above
-        ``max_rank``, non-finite values or a kind this bank has no tables for.
+        ``max_rank``, non-finite values or a kind this bank has no tables for; and (the slot
+        left empty) for values that overflow the bank's dtype once ``1/r`` or scale is folded.
         """
         self.check_slot(slot)
         if weights.kind not in self.config.kinds:
@@ -123,16 +143,17 @@ class AdapterBank(nn.Module):
             )
         self._reset(slot)
         r, entry = weights.rank, slot + 1
-        if isinstance(weights, FloraWeights):
-            self.flora_A[entry, :r] = weights.A
-            self.flora_Bt[entry, :r] = weights.B.T.double() / r  # fold the mean over rank
-        elif isinstance(weights, LoraWeights):
-            self.lora_A[entry, :r] = weights.A
-            self.lora_Bt[entry, :r] = weights.B.T.double() * weights.scale  # fold PEFT's scale
-        elif weights.feedforward:
-            self.ia3_in[entry] = weights.scale
-        else:
-            self.ia3_out[entry] = weights.scale
+        tables = folded(weights)
+        for name, value in tables.items():  # the rank's rows (zero past r), or IA3's vector
+            getattr(self, name)[entry, : value.shape[0]] = value
+        stored = [getattr(self, name)[entry] for name in tables]
+        if not bool(torch.stack([torch.isfinite(t).all() for t in stored]).all()):  # one sync
+            self.evict(slot)
+            dtype = str(stored[0].dtype).removeprefix("torch.")
+            raise InvalidAdapterError(
+                f"the adapter overflows this bank's dtype ({dtype}): a factor, with 1/r or "
+                "LoRA's scale folded in, is beyond its range"
+            )
         self.kinds[slot] = weights.kind
         self.ranks[slot] = r
         self.feedforward[slot] = getattr(weights, "feedforward", False)

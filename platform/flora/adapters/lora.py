@@ -6,7 +6,7 @@ adds the same delta to one base GEMM; they differ only in how they batch the two
 
 - ``lora_gather``: per-token gather of each token's A and B (BGMV, as Punica/vLLM decode).
 - ``lora_segmented``: tokens grouped by adapter, two small matmuls per group (SGMV-like).
-- ``lora_stacked``: one GEMM against all adapters present, a one-hot mask, one GEMM back.
+- ``lora_stacked``: one GEMM against all adapters present, a one-hot selection, one GEMM back.
 - ``lora_bmm``: the paper's baseline (appendix A.2), per-example padded ``torch.bmm``.
 """
 
@@ -81,7 +81,12 @@ def lora_stacked(
     active: Sequence[int],
     rank: int,
 ) -> torch.Tensor:
-    """``h = x A_allᵀ`` over the N ``active`` adapters, masked to each token's own, ``h Bt_all``."""
+    """``h = x A_allᵀ`` over the N ``active`` adapters, each token's own kept, ``h Bt_all``.
+
+    The others are dropped by selection, not by multiplying with 0: an adapter that overflows
+    on a token would give ``Inf × 0 = NaN`` to every other token. The bank keeps ``Bt`` finite,
+    so the zeros then meet only finite values in the second GEMM.
+    """
     y = F.linear(x, weight, bias)
     if not active:
         return y
@@ -92,7 +97,7 @@ def lora_stacked(
     position = torch.full((A.shape[0],), -1, dtype=torch.long, device=x.device)
     position[sel] = torch.arange(n, device=x.device)
     mask = position[entries].unsqueeze(1) == torch.arange(n, device=x.device)  # [T, N]
-    h = F.linear(x, a).view(t, n, rank) * mask.unsqueeze(2).to(x.dtype)  # [T, N, r]
+    h = torch.where(mask.unsqueeze(2), F.linear(x, a).view(t, n, rank), 0.0)  # [T, N, r]
     return torch.addmm(y, h.view(t, n * rank), b)
 
 

@@ -128,6 +128,8 @@ class AsyncEngine:
         with self._lock:
             items, self._inbox = self._inbox, []
         for fn, future in items:
+            if not future.set_running_or_notify_cancel():
+                continue  # the caller gave up waiting (cancelled): its call never runs
             try:
                 future.set_result(fn())
             except Exception as e:  # reaches the caller as its own exception
@@ -150,7 +152,8 @@ class AsyncEngine:
         with self._lock:
             items, self._inbox = self._inbox, []
         for _, future in items:
-            future.set_exception(EngineStoppedError(message))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStoppedError(message))
         for request_id in list(self._streams):
             out = self.engine.abort(request_id)
             if out is not None:

@@ -8,7 +8,12 @@ class OutOfBlocks(Exception):
 
 
 class BlockAllocator:
-    """A free list over ``num_blocks`` fixed-size blocks; O(1) allocate and free."""
+    """A free list over ``num_blocks`` fixed-size blocks; O(1) allocate and free.
+
+    It also remembers which blocks were freed since the last :meth:`take_freed`, so the engine
+    can zero them in the pool before anything writes into them again. The pool's null block is
+    not one of these blocks: it is never handed out.
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -16,6 +21,7 @@ class BlockAllocator:
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._used: set[int] = set()
+        self._freed: set[int] = set()  # freed since the last scrub
 
     @property
     def num_free(self) -> int:
@@ -37,3 +43,9 @@ class BlockAllocator:
                 raise ValueError(f"block {b} is not allocated (double free?)")
             self._used.remove(b)
             self._free.append(b)
+            self._freed.add(b)
+
+    def take_freed(self) -> list[int]:
+        """Blocks freed since the last call (each once); the caller scrubs them."""
+        freed, self._freed = sorted(self._freed), set()
+        return freed

@@ -3,7 +3,9 @@
 Single-threaded by design: ``add_request``, ``abort`` and ``step`` are called from one thread
 (the :class:`AsyncEngine` loop, or a script via :class:`LLM`). Each step packs decodes and
 prefill chunks of every running sequence into one forward pass whose ``AdapterBatch`` gives each
-token its sequence's adapter slot.
+token its sequence's adapter slot. A sequence whose rows overflow to Inf/NaN fails alone: masked
+attention reads the KV pool's zero null block, freed blocks are zeroed before reuse, and every
+row is checked after the forward.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from pathlib import Path
 
 import torch
 
+from adapter_format import ServingLimits
 from flora.adapters import AdapterBatch, BankConfig, Dispatcher, MaterialisedCache
-from flora.engine.adapter_cache import AdapterCache
+from flora.adapters.bank import fits
+from flora.adapters.errors import InvalidAdapterError
+from flora.engine.adapter_cache import AdapterCache, AdapterLoadError
 from flora.engine.adapter_source import AdapterSource, LocalAdapterSource, UnknownAdapterError
 from flora.engine.blocks import BlockAllocator
 from flora.engine.config import EngineConfig
 from flora.engine.counters import StepCounters
-from flora.engine.request import FinishReason, Request, RequestOutput, Usage
-from flora.engine.sampling import logprobs_of, sample
+from flora.engine.request import ErrorCode, FinishReason, Request, RequestOutput, Usage
+from flora.engine.sampling import fetch, logprobs_of, sample
 from flora.engine.scheduler import Scheduler, SchedulerOutput
 from flora.engine.sequence import Sequence, Status
 from flora.model import (
@@ -77,8 +82,8 @@ class LLMEngine:
         self.adapters = (
             AdapterCache(
                 adapter_source,
-                self._load_adapter_file,
-                lambda slot, adapter: model.load_adapter(slot, adapter.layers),
+                self._load_servable,
+                self._install,
                 config.adapter_slots,
                 cache_dir=config.adapter_cache_dir,
                 host_bytes=config.host_cache_bytes,
@@ -119,7 +124,7 @@ class LLMEngine:
             str(self.dtype).removeprefix("torch."),
             num_blocks,
             config.block_size,
-            num_blocks * block_bytes / 2**20,
+            self.kv.nbytes / 2**20,
             config.adapter_slots if adapter_source else 0,
         )
 
@@ -144,20 +149,45 @@ class LLMEngine:
     def _wake(self) -> None:
         self.wake_callback()
 
-    def _load_adapter_file(self, directory: Path) -> AdapterFile:
-        """Runs on a loader thread: parse, validate against this model and bank, nothing else."""
-        adapter = load_adapter_dir(directory, self.model.args, dtype=self.dtype)
-        if adapter.kind not in self.config.adapter_kinds:
-            raise ValueError(f"{adapter.kind} adapters are not enabled on this engine")
-        if adapter.rank > self.config.max_rank:
-            raise ValueError(
-                f"rank {adapter.rank} exceeds this engine's max_rank {self.config.max_rank}"
-            )
-        missing = sorted(set(adapter.targets) - set(self.model.adapter_targets))
-        if missing:
-            targets = list(self.model.adapter_targets)
-            raise ValueError(f"the adapter targets {missing}, this engine adapts {targets}")
+    def _load_servable(self, directory: Path) -> AdapterFile:
+        """Runs on a loader thread: :meth:`_load_adapter_file`, then refuse an adapter whose
+        tables would overflow the bank's dtype, so installing it on the engine thread can't."""
+        adapter = self._load_adapter_file(directory)
+        for name, weights in adapter.layers.items():
+            if not fits(weights, self.dtype):
+                dtype = str(self.dtype).removeprefix("torch.")
+                raise InvalidAdapterError(
+                    f"{name}: the adapter overflows this engine's {dtype} (a factor, with 1/r "
+                    "or LoRA's scale folded in, is beyond its range)"
+                )
         return adapter
+
+    def _install(self, slot: int, adapter: AdapterFile) -> None:
+        """Write an adapter into every layer's ``slot``; a bank refusal empties the slot and
+        reaches the scheduler as a load failure (the request fails, not the engine)."""
+        try:
+            self.model.load_adapter(slot, adapter.layers)
+        except InvalidAdapterError as e:
+            self.model.evict_adapter(slot)
+            raise AdapterLoadError(f"the adapter cannot be served: {e}") from e
+
+    @property
+    def serving_limits(self) -> ServingLimits:
+        """What this engine can run, reported to the registry so it refuses the rest at upload."""
+        config = self.config
+        return ServingLimits(
+            max_rank=config.max_rank,
+            kinds=config.adapter_kinds,
+            targets=self.model.adapter_targets or config.adapter_targets,
+            max_magnitude=min(config.max_adapter_magnitude, torch.finfo(self.dtype).max),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+
+    def _load_adapter_file(self, directory: Path) -> AdapterFile:
+        """Runs on a loader thread: parse and validate against this model and its limits."""
+        return load_adapter_dir(
+            directory, self.model.args, dtype=self.dtype, limits=self.serving_limits
+        )
 
     # --- requests --------------------------------------------------------------------------
 
@@ -227,60 +257,102 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        outputs = [self._finish(seq, FinishReason.ERROR, msg) for seq, msg in plan.failed]
+        outputs = [
+            self._finish(seq, FinishReason.ERROR, msg, ErrorCode.ADAPTER_REFUSED)
+            for seq, msg in plan.failed
+        ]
         if not plan.chunks:
             return outputs
         self.counters.record_step(plan)
+        samples = [c.samples for c in plan.chunks]  # before num_computed moves
         try:
-            logits = self._forward(plan)
+            logits, nonfinite = self._forward(plan)
+            greedy, failed = fetch(logits, nonfinite)  # the step's one device→host copy
         except Exception as e:  # a bug or device error fails this step's requests, not the engine
             log.exception("step failed")
             return outputs + [
-                self._finish(c.seq, FinishReason.ERROR, f"internal error: {e}") for c in plan.chunks
+                self._finish(c.seq, FinishReason.ERROR, f"internal error: {e}", ErrorCode.INTERNAL)
+                for c in plan.chunks
             ]
-        sampling = [c.seq for c in plan.chunks if c.samples]
-        for c in plan.chunks:
+        rows: list[int] = []  # logits rows that are sampled
+        sampling: list[Sequence] = []
+        row = 0  # the chunk's logits row, if it samples
+        for c, samples_, bad in zip(plan.chunks, samples, failed, strict=True):
             c.seq.num_computed += c.length
+            if bad:  # never sampled: it fails alone, the others go on
+                outputs.append(self._fail_non_finite(c.seq))
+            elif samples_:
+                rows.append(row)
+                sampling.append(c.seq)
+            row += samples_
         if sampling:
+            if len(rows) < logits.shape[0]:
+                logits = logits[torch.tensor(rows, device=logits.device)]
             params = [s.request.params for s in sampling]
-            tokens = sample(logits, params, [s.generator for s in sampling])
+            generators = [s.generator for s in sampling]
+            tokens = sample(logits, params, generators, [greedy[r] for r in rows])
             lps = logprobs_of(logits, tokens, params)
             for seq, token, lp in zip(sampling, tokens, lps, strict=True):
                 outputs.append(self._append(seq, token, lp))
         return outputs
 
-    def _forward(self, plan: SchedulerOutput) -> torch.Tensor:
+    def _fail_non_finite(self, seq: Sequence) -> RequestOutput:
+        """Its activations overflowed to Inf/NaN: the adapter's fault, or (base model) ours."""
+        if seq.adapter_label is not None:
+            code = ErrorCode.ADAPTER_NON_FINITE
+            message = (
+                f"the adapter {seq.adapter_label} produced non-finite activations (overflow); "
+                "it cannot be served"
+            )
+        else:
+            code = ErrorCode.NON_FINITE
+            message = "the model produced non-finite activations (a server-side numerical error)"
+        log.warning("request %s failed: %s", seq.request_id, message)
+        return self._finish(seq, FinishReason.ERROR, message, code)
+
+    def _forward(self, plan: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[N, V]`` of the sampled rows, and per chunk ``[C]`` a count of its rows
+        (every final hidden state, and its logits) that went non-finite; both on the device."""
+        self.kv.scrub(self.allocator.take_freed())  # before anything writes into them
         ids: list[int] = []
         positions: list[int] = []
+        owners: list[int] = []  # chunk index of each token
         slots: list[int] = []
         chunks: list[Chunk] = []
         logit_rows: list[int] = []
-        for c in plan.chunks:
+        logit_owners: list[int] = []
+        for i, c in enumerate(plan.chunks):
             seq, begin = c.seq, c.seq.num_computed
             start = len(ids)
             ids.extend(seq.tokens(begin, begin + c.length))
             positions.extend(range(begin, begin + c.length))
+            owners.extend([i] * c.length)
             slots.extend([seq.slot if seq.slot is not None else -1] * c.length)
             chunks.append(Chunk(start, c.length, begin, tuple(seq.blocks)))
             if c.samples:
                 logit_rows.append(start + c.length - 1)
+                logit_owners.append(i)
         args = self.model.args
         meta = AttentionMetadata.build(
-            chunks, self.allocator.block_size, args.n_head // args.kv_heads, self.device
+            chunks,
+            self.allocator.block_size,
+            args.n_head // args.kv_heads,
+            self.device,
+            null_block=self.kv.null_block,
         )
         batch = None  # a step without adapters runs the plain model: no adapter overhead
         if self.model.adapter_targets and any(s >= 0 for s in slots):
             batch = AdapterBatch.from_slots(slots, device=self.device)
         dev = self.device
         with torch.inference_mode():
-            return self.model.step(
-                torch.tensor(ids, device=dev),
-                torch.tensor(positions, device=dev),
-                meta,
-                self.kv,
-                batch,
-                torch.tensor(logit_rows, dtype=torch.long, device=dev),
-            )
+            packed = torch.tensor([ids, positions, owners], device=dev)  # [3, T]: one copy
+            logit_index = torch.tensor([logit_rows, logit_owners], dtype=torch.long, device=dev)
+            h = self.model.hidden_step(packed[0], packed[1], meta, self.kv, batch)  # [T, E]
+            logits = self.model.head(h[logit_index[0]])  # [N, V]
+            nonfinite = torch.zeros(len(chunks), dtype=torch.int32, device=dev)
+            nonfinite.index_add_(0, packed[2], (~torch.isfinite(h).all(-1)).int())
+            nonfinite.index_add_(0, logit_index[1], (~torch.isfinite(logits).all(-1)).int())
+            return logits, nonfinite
 
     def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         seq.output_ids.append(token)
@@ -320,16 +392,22 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             logprobs=tuple(seq.logprobs[seq.sent_tokens :]),
             error=seq.error,
+            error_code=seq.error_code,
             adapter=seq.adapter_label,
         )
         seq.sent_tokens, seq.sent_text = len(seq.output_ids), text_end
         return out
 
     def _finish(
-        self, seq: Sequence, reason: FinishReason, error: str | None = None
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        error: str | None = None,
+        code: ErrorCode | None = None,
     ) -> RequestOutput:
         self.scheduler.remove(seq)
         seq.status, seq.finish_reason, seq.error = Status.FINISHED, reason, error
+        seq.error_code = code
         self.sequences.pop(seq.request_id, None)
         return self._delta(seq)
 

@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 _ids = itertools.count()
 
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by a
+# vanishing temperature overflows them to ±inf, and softmax then gives NaN.
+SAMPLING_EPS = 1e-5
+
 
 class SamplingParams(BaseModel):
     """How to pick each next token (OpenAI/vLLM semantics); ``temperature=0`` is greedy."""
@@ -18,7 +22,9 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_tokens: int = Field(16, ge=1, description="New tokens to generate at most.")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
+    temperature: float = Field(
+        1.0, ge=0.0, le=100.0, description=f"0 (below {SAMPLING_EPS:g}) means greedy."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 keeps all.")
     seed: int | None = Field(
@@ -49,7 +55,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
 
 class Request(BaseModel):
@@ -96,7 +102,16 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-text token, a stop string or a stop token id
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # cancelled by the caller
-    ERROR = "error"  # the request could not be served (see ``error``)
+    ERROR = "error"  # the request could not be served (see ``error`` and ``error_code``)
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a request ended with :attr:`FinishReason.ERROR`: the caller's adapter, or the server."""
+
+    ADAPTER_NON_FINITE = "adapter_non_finite"  # its adapter overflowed to Inf/NaN activations
+    NON_FINITE = "non_finite"  # the base model overflowed: a server-side numerical error
+    ADAPTER_REFUSED = "adapter_refused"  # its adapter failed to load or validate here
+    INTERNAL = "internal"  # a bug or device error in the step
 
 
 @dataclass(frozen=True)
@@ -128,5 +143,6 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     error: str | None = None
+    error_code: ErrorCode | None = None  # set with ``error``
     adapter: str | None = None  # the adapter (and version) that served it
     created: float = field(default_factory=time.time)

@@ -9,6 +9,10 @@ import torch
 
 from flora.engine.request import SamplingParams, TokenLogprob
 
+# OpenAI's floor for a log-probability: what it reports for a token with probability 0, so a
+# -inf logprob serialises as a number (JSON has no Inf or NaN).
+LOGPROB_FLOOR = -9999.0
+
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p on one row of ``[V]`` logits (float32)."""
@@ -25,14 +29,26 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def fetch(logits: torch.Tensor, flags: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Each row's greedy token (``logits [N, V]``) and ``flags [C]``, in one device→host copy.
+
+    The flags (the step's non-finite chunks) ride with the tokens sampling needs anyway, so
+    checking them adds no synchronisation.
+    """
+    n = logits.shape[0]
+    host = torch.cat([logits.argmax(-1), flags.long()]).tolist()  # [N + C]
+    return host[:n], [bool(f) for f in host[n:]]
+
+
 def sample(
     logits: torch.Tensor,  # [N, V]
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    greedy: Sequence[int] | None = None,
 ) -> list[int]:
-    """One token per row."""
+    """One token per row; ``greedy`` is each row's argmax when :func:`fetch` already has it."""
     logits = logits.float()
-    tokens = logits.argmax(-1).tolist()
+    tokens = list(greedy) if greedy is not None else logits.argmax(-1).tolist()
     for i, p in enumerate(params):
         if p.greedy:
             continue
@@ -52,6 +68,7 @@ def logprobs_of(
     if not wanted:
         return out
     logp = torch.log_softmax(logits[wanted].float(), dim=-1)
+    logp = logp.nan_to_num(LOGPROB_FLOOR, 0.0, LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
     for row, i in enumerate(wanted):
         k = params[i].logprobs or 0
         top: tuple[tuple[int, float], ...] = ()

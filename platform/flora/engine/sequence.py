@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flora.engine.adapter_source import AdapterRef
-from flora.engine.request import FinishReason, Request, TokenLogprob
+from flora.engine.request import ErrorCode, FinishReason, Request, TokenLogprob
 from flora.model.tokenizer import IncrementalDecoder
 
 
@@ -35,6 +35,7 @@ class Sequence:
     decoder: IncrementalDecoder | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_code: ErrorCode | None = None
     preemptions: int = 0
     # what has been streamed so far
     sent_tokens: int = 0

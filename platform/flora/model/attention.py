@@ -1,10 +1,14 @@
 """Attention over a paged key/value pool, for a step that mixes decodes and prefill chunks.
 
-The pool holds, per layer, ``[num_blocks · block_size, kv_heads, head_dim]`` keys and values,
-allocated once. A sequence owns a list of blocks (its block table); token ``p`` of it lives at
-flat row ``table[p // block_size] · block_size + p % block_size``. Multi-query heads are folded
-into the query axis (``q [Hkv, G · len, hd]`` against ``k [Hkv, L, hd]``), so one key head is
-read once for all its query heads, never copied per head.
+The pool holds, per layer, ``[(num_blocks + 1) · block_size, kv_heads, head_dim]`` keys and
+values, allocated once. A sequence owns a list of blocks (its block table); token ``p`` of it
+lives at flat row ``table[p // block_size] · block_size + p % block_size``. Multi-query heads are
+folded into the query axis (``q [Hkv, G · len, hd]`` against ``k [Hkv, L, hd]``), so one key head
+is read once for all its query heads, never copied per head.
+
+The extra block at the end (the null block) is never allocated nor written, so it stays zero.
+Every masked key position reads it: a masked score gets weight 0, but ``0 × NaN`` is NaN, so a
+masked row must hold finite values whatever another sequence left in the pool.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """Preallocated key/value pool for every layer; never resized while serving."""
+    """Preallocated key/value pool for every layer, plus the all-zero null block at the end."""
 
     def __init__(
         self,
@@ -31,17 +35,41 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (n_layer, 2, num_blocks * block_size, kv_heads, head_dim)
+        shape = (n_layer, 2, (num_blocks + 1) * block_size, kv_heads, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)  # [L, k|v, rows, Hkv, hd]
+
+    @property
+    def null_block(self) -> int:
+        """The reserved block masked positions read: never allocated, never written, zero."""
+        return self.num_blocks
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
 
     @staticmethod
     def bytes_per_block(
         n_layer: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
+        """Bytes of one allocatable block; the pool holds ``num_blocks + 1`` of them."""
         return n_layer * 2 * block_size * kv_heads * head_dim * dtype.itemsize
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data[index, 0], self.data[index, 1]
+
+    def scrub(self, blocks: Sequence[int]) -> None:
+        """Zero these blocks in every layer, keys and values (one indexed fill).
+
+        Freed blocks are scrubbed before reuse, so nothing a sequence wrote outlives it.
+        """
+        if not blocks:
+            return
+        if self.null_block in blocks:
+            raise ValueError("the null block is never allocated, so never freed")
+        n_layer, _, _, kv_heads, head_dim = self.data.shape
+        per_block = (n_layer, 2, self.num_blocks + 1, self.block_size, kv_heads, head_dim)
+        index = torch.tensor(list(blocks), dtype=torch.long, device=self.data.device)
+        self.data.view(per_block).index_fill_(2, index, 0)
 
 
 @dataclass(frozen=True)
@@ -70,7 +98,7 @@ class AttentionMetadata:
     block_size: int
     slot_mapping: torch.Tensor  # [T] flat pool row of each new token
     num_decode: int
-    decode_rows: torch.Tensor | None  # [D, Lmax] pool rows of every decode's keys
+    decode_rows: torch.Tensor | None  # [D, Lmax] pool rows of every decode's keys (null if masked)
     decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] True where a key is visible
     prefill_rows: tuple[torch.Tensor | None, ...]  # per prefill chunk; None: keys are all new
     prefill_masks: tuple[torch.Tensor, ...]  # per prefill chunk, [G · len, total]
@@ -82,8 +110,14 @@ class AttentionMetadata:
         block_size: int,
         group: int,
         device: torch.device | str,
+        *,
+        null_block: int | None = None,
     ) -> AttentionMetadata:
-        """``group`` is query heads per key head (n_head for multi-query, 1 for multi-head)."""
+        """``group`` is query heads per key head (n_head for multi-query, 1 for multi-head).
+
+        ``null_block`` (:attr:`KVCache.null_block`) is what every masked decode position reads;
+        without one (tests of the plain maths) they read block 0.
+        """
         chunks = tuple(chunks)
         num_decode = 0
         while num_decode < len(chunks) and chunks[num_decode].length == 1:
@@ -96,17 +130,23 @@ class AttentionMetadata:
         mappings = []
         if num_decode:  # one padded block table for all decodes: a few tensor ops, no loop
             decodes = chunks[:num_decode]
+            pad = 0 if null_block is None else null_block
             width = max(len(c.blocks) for c in decodes)
-            table = torch.tensor([c.blocks + (0,) * (width - len(c.blocks)) for c in decodes])
+            table = torch.tensor([c.blocks + (pad,) * (width - len(c.blocks)) for c in decodes])
             totals = torch.tensor([c.total for c in decodes])
             pos = torch.arange(int(totals.max()))
+            visible = pos[None, :] < totals[:, None]  # [D, Lmax]
             rows = table[:, pos // block_size] * block_size + pos % block_size  # [D, Lmax]
+            if null_block is not None:  # masked keys and values read zeros, never stale rows
+                rows = torch.where(visible, rows, null_block * block_size + pos % block_size)
             mappings.append(rows[torch.arange(num_decode), totals - 1])
             decode_rows = rows.to(device)
-            decode_mask = (pos[None, :] < totals[:, None])[:, None, None, :].to(device)
+            decode_mask = visible[:, None, None, :].to(device)
         mappings += [_rows(c.blocks, block_size, c.context, c.total) for c in chunks[num_decode:]]
         slot_mapping = torch.cat(mappings).to(device)
         prefill_rows, prefill_masks = [], []
+        # A prefill reads positions [0, total) only, all its own and written by now: the keys
+        # beyond a query's causal frontier are the chunk's own new ones, never another's.
         for c in chunks[num_decode:]:
             rows = _rows(c.blocks, block_size, 0, c.total).to(device) if c.context else None
             prefill_rows.append(rows)

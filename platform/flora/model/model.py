@@ -5,7 +5,8 @@ so checkpoints load without renaming. Two entry points share every weight:
 
 - :meth:`GPTBigCode.forward` — dense ``[B, S]`` causal pass, no cache (scoring, training);
 - :meth:`GPTBigCode.step` — one serving step over packed tokens of many sequences, reading and
-  writing the paged :class:`KVCache`; logits only for the rows that will be sampled.
+  writing the paged :class:`KVCache`; logits only for the rows that will be sampled
+  (:meth:`GPTBigCode.hidden_step` stops before the head, so the engine can check every row).
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ class GPTBigCode(nn.Module):
 
     # --- forward passes --------------------------------------------------------------------
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[.., E]`` → logits ``[.., V]`` (``ln_f``, then the tied head)."""
         return F.linear(self.transformer.ln_f(h), self.transformer.wte.weight)
 
     def forward(
@@ -218,7 +220,29 @@ class GPTBigCode(nn.Module):
 
         for block in self.transformer.h:
             x = block(x, adapters, attend)
-        return self._logits(x)
+        return self.head(x)
+
+    def hidden_step(
+        self,
+        input_ids: torch.Tensor,  # [T] packed tokens of every sequence in the step
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        cache: KVCache,
+        adapters: AdapterBatch | None = None,
+    ) -> torch.Tensor:
+        """One serving step up to the final hidden states ``[T, E]`` (before ``ln_f``).
+
+        The engine checks every row of them for overflow, so it needs them, not only logits.
+        """
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # [T, E]
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = cache.layer(i)
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c=layer_cache):
+                return paged_attention(q, k, v, c, meta, self.scale)
+
+            x = block(x, adapters, attend)
+        return x
 
     def step(
         self,
@@ -230,14 +254,7 @@ class GPTBigCode(nn.Module):
         logit_rows: torch.Tensor | None = None,  # [N] rows to compute logits for
     ) -> torch.Tensor:
         """One serving step; returns logits ``[N, V]`` for ``logit_rows`` (all rows if None)."""
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # [T, E]
-        for i, block in enumerate(self.transformer.h):
-            layer_cache = cache.layer(i)
-
-            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c=layer_cache):
-                return paged_attention(q, k, v, c, meta, self.scale)
-
-            x = block(x, adapters, attend)
+        x = self.hidden_step(input_ids, positions, meta, cache, adapters)
         if logit_rows is not None:
             x = x[logit_rows]
-        return self._logits(x)
+        return self.head(x)

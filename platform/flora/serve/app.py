@@ -57,6 +57,11 @@ class StarCoderReplica:
     def model_info(self) -> dict[str, Any]:
         return self.core.model_info()
 
+    async def ping(self) -> None:
+        """The ingress's readiness ping: answers only if the engine thread does (a frozen engine
+        loop, or a frozen process, leaves it unanswered and ``/readyz`` turns 503)."""
+        await self.core.ping()
+
     async def record_routing_stats(self) -> dict[str, Any]:
         return await self.core.routing_stats()
 

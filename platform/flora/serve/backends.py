@@ -22,6 +22,10 @@ class LocalBackend:
     async def model_info(self) -> dict[str, Any]:
         return self.core.model_info()
 
+    async def ping(self) -> None:
+        """Returns once the engine thread answered (never blocks the event loop)."""
+        await self.core.ping()
+
 
 class RayBackend:
     """The ``StarCoderReplica`` deployment; the request router picks the replica."""
@@ -47,3 +51,8 @@ class RayBackend:
 
     async def model_info(self) -> dict[str, Any]:
         return await self.handle.model_info.remote()
+
+    async def ping(self) -> None:
+        """Returns once a replica (whichever the router picks) answered through its engine
+        thread; the caller bounds the wait, and cancelling it cancels the call."""
+        await self.handle.ping.remote()

@@ -57,6 +57,18 @@ class ServeArgs(BaseModel):
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a request may run.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    ready_ping_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="/readyz pings a replica through its engine thread and waits this long for "
+        "the answer (a frozen engine loop or process never answers).",
+    )
+    ready_window_s: float = Field(
+        10.0,
+        gt=0,
+        description="/readyz is 503 when no replica answered a ping for this long; within it, "
+        "one slow ping (a long engine step) does not flip readiness.",
+    )
 
     @property
     def served_name(self) -> str:

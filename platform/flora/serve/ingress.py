@@ -11,6 +11,10 @@ body (``adapter``), never as a multiplexing key, so the engine batches across te
 * ``name``, ``name@version`` or ``base:name``: that adapter (the tenant's own, else a public one).
 
 Response headers ``x-flora-adapter`` and ``x-flora-adapter-reason`` say what served it and why.
+
+``/readyz`` is 200 only while the registry answers and a replica answered a health ping through
+its engine thread within ``ready_window_s`` (:class:`ReplicaHealth`). ``RequestCounter`` counts
+every response once in ``flora_requests_total``, with the status actually sent.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the locally defined dependencies.
@@ -27,24 +31,34 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from adapter_format import ServingLimits
 from adapter_registry import (
     BaseModelSpec,
     Forbidden,
+    InvalidName,
     NotFound,
     Principal,
     Registry,
     RegistryError,
     Unavailable,
 )
-from adapter_registry.api import build_router, client_address, declared, readiness
+from adapter_registry.api import (
+    build_router,
+    client_address,
+    declared,
+    readiness,
+    remember_tenant,
+)
 from adapter_registry.app import BodySizeLimit, install_error_handlers
 from adapter_registry.errors import error_json
-from adapter_registry.names import check_optional
+from adapter_registry.names import InvalidVersion, check_optional
 from flora.serve.config import ServeArgs
+from flora.serve.health import ReplicaHealth
 from flora.serve.limits import TenantLimiter, TooManyRequests
 from flora.serve.metrics import ServeMetrics
 from flora.serve.openai_types import ChatCompletionRequest, CompletionRequest
 from flora.serve.prompting import CHAT_STOP, chat_text, infer_language, render_chat
+from flora.serve.request_counter import RequestCounter
 from flora.serve.responses import Reply, sse
 
 log = logging.getLogger(__name__)
@@ -57,6 +71,10 @@ class Backend(Protocol):
     def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
 
     async def model_info(self) -> dict[str, Any]: ...
+
+    async def ping(self) -> None:
+        """Return once a replica answered through its engine thread (the caller bounds the wait)."""
+        ...
 
 
 class Served:
@@ -71,9 +89,11 @@ class Served:
         async with self._lock:
             if self.info is None:
                 info = await self.backend.model_info()
-                # adapters for the served model validate against its shapes
+                # adapters for the served model validate against its shapes and limits
+                # a replica of an older release reports no limits: the format's own apply
+                limits = ServingLimits.model_validate(info.get("limits") or {})
                 self.registry.catalog.add(
-                    BaseModelSpec.from_hf_config(info["name"], info["config"])
+                    BaseModelSpec.from_hf_config(info["name"], info["config"], limits)
                 )
                 self.info = info
         return self.info
@@ -109,8 +129,7 @@ class Generation:
         reply = Reply(model=label, chat=chat, want_logprobs=logprobs is not None)
         try:
             state.limiter.acquire(self.tenant)
-        except TooManyRequests as e:
-            state.metrics.request_done(self.tenant, self.endpoint, 429)
+        except TooManyRequests as e:  # counted, like every response, by RequestCounter
             retry = {"Retry-After": str(e.retry_after)}
             return _error_response(429, e.message, "rate_limited", retry)
         state.metrics.in_flight.inc()
@@ -118,11 +137,11 @@ class Generation:
             stream = state.backend.stream(payload)
             first = await anext(stream)
         except BaseException:
-            self._done(None, 500)
+            self._done(None)
             raise
         if first.get("error") and isinstance(first["error"], dict):
             await stream.aclose()
-            self._done(None, first["error"]["status"])
+            self._done(None)
             error = first["error"]
             return _error_response(error["status"], error["message"], error["code"], headers)
         if body.stream:
@@ -164,7 +183,7 @@ class Generation:
         headers: dict[str, str],
     ) -> Response:
         """A whole (non-streamed) answer, within the request timeout."""
-        timeout, status = self.state.args.request_timeout_s, 200
+        timeout = self.state.args.request_timeout_s
         try:
             async with asyncio.timeout(timeout):
                 chunk = first
@@ -178,12 +197,11 @@ class Generation:
                         break
                     chunk = await anext(stream)
         except TimeoutError:
-            status = 504
             message = f"the request ran past {timeout:g}s and was cancelled"
             return _error_response(504, message, "timeout", headers)
         finally:
             await stream.aclose()
-            self._done(reply, status)
+            self._done(reply)
         return JSONResponse(reply.body(), headers=headers)
 
     async def _events(
@@ -195,9 +213,11 @@ class Generation:
             while True:
                 _add(reply, chunk)
                 self._observe(chunk)
-                if chunk.get("error"):
-                    _, message, code = _engine_error(chunk["error"])
-                    yield sse(error_json(message, code, "server_error"))
+                if chunk.get("error"):  # the 200 is sent: the error goes in the stream
+                    status, message, code = _engine_error(chunk["error"])
+                    kind = "invalid_request_error" if status < 500 else "server_error"
+                    self.state.metrics.stream_error(self.tenant, code)
+                    yield sse(error_json(message, code, kind))
                     break
                 yield reply.event(chunk, is_first)
                 is_first = False
@@ -218,12 +238,12 @@ class Generation:
         if chunk.get("lost_replica"):
             metrics.replica_lost(chunk["lost_replica"])
 
-    def _done(self, reply: Reply | None, status: int = 200) -> None:
-        """Release the tenant's slot and record the outcome (exactly once per admitted request)."""
+    def _done(self, reply: Reply | None) -> None:
+        """Release the tenant's slot and record the generation (exactly once per admitted
+        request); the response's status is counted by :class:`RequestCounter`."""
         state = self.state
         state.limiter.release(self.tenant)
         state.metrics.in_flight.dec()
-        state.metrics.request_done(self.tenant, self.endpoint, status)
         if reply is not None:
             ttft = reply.first_token_at - reply.started if reply.first_token_at else None
             state.metrics.generation(
@@ -251,13 +271,13 @@ class Generation:
         name = model.removeprefix("base:")
         try:
             record = await call(registry.get, principal, name)
-        except (NotFound, RegistryError) as e:
-            if isinstance(e, NotFound) or e.code == "invalid_name":
-                raise NotFound(
-                    f"the model {model!r} does not exist; GET /v1/models lists what you can use",
-                    param="model",
-                ) from e
-            raise
+        except InvalidVersion as e:  # "x@²": a malformed request, not a model that may exist
+            raise RegistryError(e.message, param="model") from e
+        except (NotFound, InvalidName) as e:
+            raise NotFound(
+                f"the model {model!r} does not exist; GET /v1/models lists what you can use",
+                param="model",
+            ) from e
         return record, "explicit", f"{record.label}: named in the request"
 
 
@@ -267,6 +287,7 @@ class IngressState:
         self.served = Served(backend, registry)
         self.metrics = ServeMetrics()
         self.limiter = TenantLimiter(args.limits)
+        self.health = ReplicaHealth(backend, args.ready_ping_timeout_s, args.ready_window_s)
 
 
 def _add(reply: Reply, chunk: dict[str, Any]) -> None:
@@ -297,7 +318,7 @@ def _error_response(
 # the refusals the OpenAI routes answer, declared so the OpenAPI spec matches the API
 _GENERATION_ERRORS = declared(
     {
-        400: "bad request (unknown model or adapter name, bad parameter)",
+        400: "bad request (a malformed adapter version, a bad parameter)",
         401: "missing or invalid API key",
         403: "the admin key, or another tenant's key",
         404: "no such adapter",
@@ -336,12 +357,16 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
                     await state.served.get()
         return await call_next(request)
 
+    # added last, so outside every other middleware: it sees what each of them answers
+    app.add_middleware(RequestCounter, metrics=state.metrics)
+
     def tenant_of(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> str:
         key = credentials.credentials if credentials else None
         principal = registry.authenticate(key, client_address(request))
+        remember_tenant(request, principal.tenant)  # the metrics' tenant label
         if principal.is_admin:
             raise Forbidden("completions need a tenant's API key, not the admin key")
         return principal.tenant
@@ -379,7 +404,12 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
 
     @app.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
     async def readyz(response: Response) -> dict[str, str]:
+        """200 when the registry's index and store answer and a replica answered a health ping
+        within ``ready_window_s``; else 503, each part saying why."""
         status = await asyncio.to_thread(readiness, registry, response)
+        ready, status["replica"] = await state.health.check()
+        if not ready:
+            response.status_code = 503
         try:
             async with asyncio.timeout(10):
                 status["model"] = (await state.served.get())["name"]
@@ -404,7 +434,9 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
     ) -> Response:
         """Prometheus metrics (their labels name tenants, so they need the admin key)."""
         key = credentials.credentials if credentials else None
-        if not registry.authenticate(key, client_address(request)).is_admin:
+        principal = registry.authenticate(key, client_address(request))
+        remember_tenant(request, principal.tenant)
+        if not principal.is_admin:
             raise Forbidden("metrics need the admin key")
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -5,6 +5,10 @@ later ones are counted as ``other``, so a registry with 100k adapters cannot blo
 Replica counters arrive with every response (``replica_stats``) and are exported as totals, so
 rates give the batch size (tokens/steps) and adapters per batch (distinct_adapters/steps).
 A replica seen to die under a request has its series dropped (``replica_lost``).
+
+``flora_requests_total{tenant,endpoint,status}`` counts every HTTP response once, with the
+status actually sent (the ingress's ``RequestCounter`` middleware). An error that arrives after
+a stream's 200 went out is counted in ``flora_stream_errors_total{tenant,code}`` instead.
 """
 
 from __future__ import annotations
@@ -70,9 +74,19 @@ class ServeMetrics:
         self.registry = CollectorRegistry()
         self.tenant = BoundedLabels(max_labels)
         self.adapter = BoundedLabels(max_labels)
+        self.code = BoundedLabels(64)  # error codes are the server's own; bounded all the same
         r = self.registry
         self.requests = Counter(
-            "flora_requests", "requests by outcome", ["tenant", "endpoint", "status"], registry=r
+            "flora_requests",
+            "HTTP responses by the status sent (tenant: the authenticated one, else none)",
+            ["tenant", "endpoint", "status"],
+            registry=r,
+        )
+        self.stream_errors = Counter(
+            "flora_stream_errors",
+            "errors sent inside a stream, after its 200 went out",
+            ["tenant", "code"],
+            registry=r,
         )
         self.tokens = Counter("flora_tokens", "tokens", ["tenant", "kind"], registry=r)
         self.adapter_requests = Counter(
@@ -95,8 +109,11 @@ class ServeMetrics:
         self.replicas = _ReplicaCollector()
         r.register(self.replicas)
 
-    def request_done(self, tenant: str, endpoint: str, status: int) -> None:
+    def request_done(self, tenant: str | None, endpoint: str, status: int) -> None:
         self.requests.labels(self.tenant(tenant), endpoint, str(status)).inc()
+
+    def stream_error(self, tenant: str | None, code: str) -> None:
+        self.stream_errors.labels(self.tenant(tenant), self.code(code)).inc()
 
     def generation(
         self,

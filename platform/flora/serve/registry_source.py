@@ -24,14 +24,16 @@ from adapter_registry import (
     AdapterRecord,
     AdapterStatus,
     Event,
+    InvalidName,
     NotFound,
     Principal,
     Registry,
     Unavailable,
 )
 from adapter_registry.index import Subscription
-from adapter_registry.names import GLOBAL
+from adapter_registry.names import GLOBAL, InvalidVersion
 from flora.engine.adapter_source import AdapterRef, UnknownAdapterError
+from flora.engine.engine import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +57,20 @@ class RegistryAdapterSource:
 
     def resolve(self, name: str, tenant: str) -> AdapterRef:
         """``name`` or ``name@version`` as ``tenant`` sees it (its own, then public adapters),
-        or a record id ``scope/name@version`` whose scope is ``tenant`` or the public one."""
+        or a record id ``scope/name@version`` whose scope is ``tenant`` or the public one.
+
+        Parsed as the registry and the ingress parse it (``AdapterSpec``): a malformed version
+        is a bad request (``RequestError``, 400); an invalid or unknown name is an unknown
+        adapter (404), as it is for a completion's ``model``."""
         scope, _, bare = name.rpartition("/")
         if scope and scope not in (tenant, GLOBAL):
             raise UnknownAdapterError(f"unknown adapter {bare!r}")  # another tenant's: not found
         who = Principal(None if scope == GLOBAL else tenant)
         try:
             record = self.registry.get(who, bare, allow_global=not scope)
-        except NotFound as e:
+        except InvalidVersion as e:
+            raise RequestError(e.message) from e
+        except (NotFound, InvalidName) as e:
             raise UnknownAdapterError(e.message) from e
         except Unavailable:
             with self._lock:

@@ -21,7 +21,7 @@ from adapter_registry import Registry, RegistrySettings
 from flora.engine import EngineConfig, LLMEngine, Request, SamplingParams, UnknownAdapterError
 from flora.engine.async_engine import AsyncEngine, EngineStoppedError
 from flora.engine.engine import RequestError
-from flora.engine.request import TokenLogprob
+from flora.engine.request import ErrorCode, TokenLogprob
 from flora.model.config import ModelArgs
 from flora.serve.config import ServeArgs
 from flora.serve.model_dir import prepare_model
@@ -31,7 +31,18 @@ log = logging.getLogger(__name__)
 
 
 def error_chunk(status: int, message: str, code: str) -> dict[str, Any]:
+    """What the ingress turns into that HTTP status (first chunk) or an SSE error event."""
     return {"error": {"status": status, "message": message, "code": code}}
+
+
+# An engine's error → (HTTP status, OpenAI-style code): the caller's adapter is a 422 (resending
+# it cannot help), the server's own failures a 500.
+_ERRORS: dict[ErrorCode, tuple[int, str]] = {
+    ErrorCode.ADAPTER_NON_FINITE: (422, "adapter_numerical_error"),
+    ErrorCode.ADAPTER_REFUSED: (422, "adapter_not_servable"),
+    ErrorCode.NON_FINITE: (500, "engine_error"),
+    ErrorCode.INTERNAL: (500, "engine_error"),
+}
 
 
 class _OnEngineThread:
@@ -73,12 +84,15 @@ class ReplicaCore:
         )
 
     def model_info(self) -> dict[str, Any]:
-        """What the ingress needs: the name, the HF config (adapter shapes) and the context."""
+        """What the ingress needs: the name, the HF config (adapter shapes), the context and the
+        adapter limits."""
         args: ModelArgs = self.engine.engine.model.args
         return {
             "name": self.args.served_name,
             "config": args.to_hf_config(),
             "max_model_len": self.max_model_len,
+            # what the engine can load: the registry refuses the rest at upload
+            "limits": self.engine.engine.serving_limits.model_dump(mode="json"),
         }
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -97,8 +111,13 @@ class ReplicaCore:
             return
         try:
             async for out in self.engine.generate(request):
-                if out.error and not out.token_ids and self.source.unreachable(request.adapter):
-                    yield error_chunk(503, out.error, "adapter_store_unavailable")
+                if out.error:  # the request's last output, with nothing new to stream
+                    if not out.token_ids and self.source.unreachable(request.adapter):
+                        yield error_chunk(503, out.error, "adapter_store_unavailable")
+                        return
+                    status, code = _ERRORS[out.error_code or ErrorCode.INTERNAL]
+                    stats = {"replica": self.replica_id} | await self.engine.stats()
+                    yield error_chunk(status, out.error, code) | {"stats": stats}
                     return
                 chunk: dict[str, Any] = {
                     "token_ids": list(out.token_ids),
@@ -106,7 +125,7 @@ class ReplicaCore:
                     "finish_reason": out.finish_reason.value if out.finish_reason else None,
                     "usage": [out.usage.prompt_tokens, out.usage.completion_tokens],
                     "logprobs": [self._logprob(lp) for lp in out.logprobs],
-                    "error": out.error,
+                    "error": None,
                     "adapter": out.adapter,
                     "replica": self.replica_id,  # lets the ingress forget a replica that died
                 }
@@ -128,6 +147,12 @@ class ReplicaCore:
             "logprob": lp.logprob,
             "top": [(text([t]), v) for t, v in lp.top],
         }
+
+    async def ping(self) -> None:
+        """Answers once the engine thread has run a no-op between two steps, so a frozen or
+        wedged engine loop does not answer (the ingress's ``/readyz`` times it out); a stopped
+        engine raises :class:`EngineStoppedError`."""
+        await asyncio.wrap_future(self.engine.call(lambda: None))
 
     async def routing_stats(self) -> dict[str, Any]:
         """For the request router: resident adapters (``tenant/name@version``) and load."""

@@ -256,7 +256,7 @@ def dense_layer_inputs(
         g = F.gelu(block.mlp.c_fc(h), approximate="tanh")  # [B, S, inner]
         inputs[pre + "mlp.c_proj"] = g
         x = x + block.mlp.c_proj(g)
-    return inputs, model._logits(x)
+    return inputs, model.head(x)
 
 
 @torch.no_grad()
