@@ -76,20 +76,31 @@ def parse_version(version: str, text: str) -> int:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """``name`` or ``name@version`` as clients write it."""
+    """The one grammar of adapter references: ``name`` or ``name@version`` as clients write
+    them, and ``scope/name@version`` (a record's id; the scope a tenant or ``_global``)."""
 
     name: str
     version: int | None = None
+    scope: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> AdapterSpec:
+    def parse(cls, text: str, *, scoped: bool = False) -> AdapterSpec:
         """The name is checked first, so an invalid name is always an invalid name whatever
-        follows its ``@``; then the version (:func:`parse_version`)."""
+        follows its ``@``; then the version (:func:`parse_version`). ``scoped`` accepts (and
+        needs) the ``scope/`` of a record id."""
+        scope = None
+        if scoped:
+            scope, slash, text = text.partition("/")
+            if not slash:
+                raise InvalidName(f"{scope[:80]!r} is not an adapter id (scope/name@version)")
+            if scope != GLOBAL:
+                check_name(scope, "tenant")
         name, sep, version = text.partition("@")
         name = check_adapter_name(name)
         if not sep:
-            return cls(name)
-        return cls(name, parse_version(version, text))
+            return cls(name, None, scope)
+        return cls(name, parse_version(version, text), scope)
 
     def __str__(self) -> str:
-        return self.name if self.version is None else f"{self.name}@{self.version}"
+        text = self.name if self.version is None else f"{self.name}@{self.version}"
+        return text if self.scope is None else f"{self.scope}/{text}"

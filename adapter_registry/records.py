@@ -8,6 +8,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapter_format import AdapterKind
+from adapter_registry.names import AdapterSpec
 
 
 class AdapterStatus(StrEnum):
@@ -63,7 +64,8 @@ class AdapterRecord(BaseModel):
 
     @staticmethod
     def make_id(tenant: str, name: str, version: int) -> str:
-        return f"{tenant}/{name}@{version}"
+        """``tenant/name@version`` (:class:`AdapterSpec`'s grammar, parsed with ``scoped``)."""
+        return str(AdapterSpec(name, version, tenant))
 
     @property
     def label(self) -> str:

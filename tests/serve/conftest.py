@@ -72,6 +72,7 @@ class Stack:
         limits: LimitsConfig | None = None,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         engine: dict | None = None,
+        serve: dict | None = None,
     ):
         self.registry = Registry(
             SqliteIndex(root / "index.sqlite3"),
@@ -87,6 +88,7 @@ class Stack:
             | (engine or {}),
             max_tokens_default=8,
             limits=limits or LimitsConfig(),
+            **(serve or {}),
         )
         self.core = ReplicaCore(self.args, self.registry)
         self.app = build_ingress_app(self.registry, LocalBackend(self.core), self.args)

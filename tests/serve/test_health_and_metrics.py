@@ -33,6 +33,7 @@ from flora.serve import responses
 from flora.serve.backends import LocalBackend
 from flora.serve.config import LimitsConfig, ServeArgs
 from flora.serve.ingress import IngressState, build_ingress_app
+from flora.serve.wire import GenerateCall, StreamChunk
 from tests.serve.conftest import ADMIN_KEY, MODEL_NAME, Stack
 from tests.servers import http_server
 
@@ -230,25 +231,24 @@ def test_endpoints_are_labelled_by_route(stack: Stack):
 
 
 # --- errors inside a stream -----------------------------------------------------------------------
-def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
-    return {"token_ids": [7], "text": text, "finish_reason": finish, "usage": [3, 1],
-            "logprobs": [], "error": None, "adapter": None, "replica": "fake:1"}  # fmt: skip
-
-
 class _Backend:
-    """A replica that sends one token, then ``then``: an error chunk, or an exception."""
+    """A replica that sends one token, then ``then``: an error chunk, or an exception.
 
-    def __init__(self, micro_dir: Path, then: dict[str, Any] | Exception):
+    A stand-in, not a real replica: an error *after* tokens went out needs a replica that
+    fails mid-stream on cue (tests/e2e and the slow fault runs kill real ones; engine errors
+    come at a request's first step, before its 200)."""
+
+    def __init__(self, micro_dir: Path, then: StreamChunk | Exception):
         self.then = then
         config = ModelArgs.from_dir(micro_dir).to_hf_config()
         # "limits": {} is the default adapter limits
         self.info = {"name": MODEL_NAME, "config": config, "max_model_len": 128, "limits": {}}
 
-    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        yield _chunk("x")
+    async def stream(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
+        yield StreamChunk(token_ids=(7,), text="x", prompt_tokens=3, completion_tokens=1)
         if isinstance(self.then, Exception):
             raise self.then
-        yield {"error": self.then}
+        yield self.then
 
     async def model_info(self) -> dict[str, Any]:
         return self.info
@@ -271,7 +271,7 @@ def test_errors_inside_a_stream_are_typed_by_status_and_counted_apart(
     registry = Registry(SqliteIndex(tmp_path / "index.sqlite3"), LocalBlobStore(tmp_path / "b"),
                         BaseModelCatalog(), admin_key=ADMIN_KEY)  # fmt: skip
     key = registry.create_tenant("acme")[1]
-    error = {"status": status, "message": "the adapter broke", "code": code}
+    error = StreamChunk.failure(status, code, "the adapter broke")
     app = build_ingress_app(registry, _Backend(micro_dir, error), ServeArgs(model=str(micro_dir)))
     with http_server(app) as url:
         answer = httpx.post(url + "/v1/completions", json=BODY | {"stream": True},

@@ -22,6 +22,7 @@ from flora.serve.backends import LocalBackend, RayBackend
 from flora.serve.config import ServeArgs
 from flora.serve.ingress import build_ingress_app
 from flora.serve.replica import ReplicaCore
+from flora.serve.wire import StreamChunk
 from tests.serve.conftest import ADMIN_KEY, MODEL_NAME, Stack, random_adapter_dir
 from tests.servers import S3Server, http_server
 
@@ -56,13 +57,13 @@ class _DyingResponse:
     def __aiter__(self):
         return self
 
-    async def __anext__(self) -> dict:
+    async def __anext__(self) -> StreamChunk:
         if self.chunks == 0:
             raise ActorDiedError()
         self.chunks -= 1
-        return {"token_ids": [7], "text": "x", "finish_reason": None, "usage": [3, 1],
-                "logprobs": [], "error": None, "adapter": None,
-                "replica": DYING_REPLICA}  # fmt: skip
+        return StreamChunk(
+            replica=DYING_REPLICA, token_ids=(7,), text="x", prompt_tokens=3, completion_tokens=1
+        )
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -79,7 +80,7 @@ class _Handle:
     def options(self, **_: object) -> _Handle:
         return self
 
-    def remote(self, _: dict) -> _DyingResponse:
+    def remote(self, _: object) -> _DyingResponse:
         return self.response
 
 
@@ -98,14 +99,14 @@ class _Remote:
 def test_a_replica_that_dies_mid_request_ends_the_stream_with_a_503_chunk(chunks: int):
     backend = RayBackend(_Handle(_DyingResponse(chunks)))
 
-    async def drain() -> list[dict]:
-        return [c async for c in backend.stream({})]
+    async def drain() -> list[StreamChunk]:
+        return [c async for c in backend.stream(None)]
 
     got = asyncio.run(drain())
     assert len(got) == chunks + 1
-    assert got[-1]["error"]["status"] == 503 and "retry" in got[-1]["error"]["message"]
+    assert got[-1].error.status == 503 and "retry" in got[-1].error.message
     # the replica is named once a chunk from it arrived (the ingress then drops its gauges)
-    assert got[-1]["lost_replica"] == (DYING_REPLICA if chunks else None)
+    assert got[-1].lost_replica == (DYING_REPLICA if chunks else None)
 
 
 def test_an_adapter_never_fetched_while_the_store_is_down_answers_503_with_retry_after(

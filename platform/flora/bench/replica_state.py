@@ -1,11 +1,12 @@
 """The replicas' engine state as the admin ``/metrics`` shows it, and whether it is idle.
 
-Replicas report ``flora_engine_state{replica,what}`` with each finished response, so the gauges
-are as fresh as the last response: a request that was cancelled (a client that hung up) never
-refreshes them. :func:`wait_idle` therefore sends a one-token probe on the base model before
-each read; the probe's own final report is taken after it left the batch, so an idle replica
-reads ``running 0, waiting 0, kv_blocks_free == kv_blocks_total, adapter_slots_in_use 0``.
-With several replicas a probe refreshes only the one it was routed to (see ``stale`` below).
+Replicas report ``flora_engine_state{replica,what}`` on their responses' chunks (at most once a
+second, and on every last chunk), so the gauges are as fresh as the last chunk: a replica with
+no traffic never refreshes them. :func:`wait_idle` therefore sends a one-token probe on the
+base model before each read; the probe's own final report is taken after it left the batch, so
+an idle replica reads ``running 0, waiting 0, kv_blocks_free == kv_blocks_total,
+adapter_slots_in_use 0``. A probe refreshes only the replica it was routed to, so the check
+probes until every replica has answered one, and names those that never did (``stale``).
 
 The replica label is ``host:pid``; where the host is this machine the process RSS is read too.
 """
@@ -103,13 +104,15 @@ class IdleCheck:
     def describe(self) -> str:
         parts = [f"{r}: {s.describe()}" for r, s in sorted(self.states.items())]
         verdict = f"idle after {self.seconds:.1f}s" if self.idle else "NOT idle"
+        if self.stale:
+            parts.append(f"never answered a probe, so not judged: {', '.join(self.stale)}")
         return f"{verdict} ({'; '.join(parts) or 'no replica reported'})"
 
 
 async def wait_idle(
     url: str, admin_key: str, tenant: str, key: str, timeout: float = 30.0, every: float = 0.5
 ) -> IdleCheck:
-    """Probe and read ``/metrics`` until every replica that answered a probe is idle."""
+    """Probe and read ``/metrics`` until every replica has answered a probe and is idle."""
     start = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         reached: set[str] = set()
@@ -120,11 +123,10 @@ async def wait_idle(
             await probe(client, tenant, key)
             states = await read_states(client, admin_key)
             reached |= {r for r, s in states.items() if steps.get(r) != s.totals.get("steps")}
-            fresh = {r: s for r, s in states.items() if r in reached}
+            stale = sorted(set(states) - reached)
             elapsed = time.monotonic() - start
-            if fresh and all(s.idle for s in fresh.values()):
-                stale = sorted(set(states) - reached)
-                return IdleCheck(True, elapsed, states, stale)
+            if states and not stale and all(s.idle for s in states.values()):
+                return IdleCheck(True, elapsed, states, [])
             if elapsed > timeout:
-                return IdleCheck(False, elapsed, states, sorted(set(states) - reached))
+                return IdleCheck(False, elapsed, states, stale)
             await asyncio.sleep(every)

@@ -146,3 +146,20 @@ class RequestOutput:
     error_code: ErrorCode | None = None  # set with ``error``
     adapter: str | None = None  # the adapter (and version) that served it
     created: float = field(default_factory=time.time)
+
+    def then(self, later: RequestOutput) -> RequestOutput:
+        """This update followed by ``later`` (of the same request) as one update: the deltas
+        joined, the rest (finish, usage, error) as of ``later``."""
+        return RequestOutput(
+            request_id=self.request_id,
+            token_ids=self.token_ids + later.token_ids,
+            text=self.text + later.text,
+            finished=later.finished,
+            usage=later.usage,
+            finish_reason=later.finish_reason,
+            logprobs=self.logprobs + later.logprobs,
+            error=later.error,
+            error_code=later.error_code,
+            adapter=later.adapter,
+            created=later.created,
+        )

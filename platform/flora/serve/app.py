@@ -21,6 +21,7 @@ from flora.serve.backends import RayBackend
 from flora.serve.config import ServeArgs
 from flora.serve.ingress import build_ingress_app
 from flora.serve.replica import ReplicaCore
+from flora.serve.wire import GenerateCall, StreamChunk
 
 log = logging.getLogger("ray.serve")
 
@@ -50,8 +51,8 @@ class StarCoderReplica:
             engine.config.adapter_slots,
         )
 
-    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for chunk in self.core.generate(payload):
+    async def generate(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
+        async for chunk in self.core.generate(call):
             yield chunk
 
     def model_info(self) -> dict[str, Any]:

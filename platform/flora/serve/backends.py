@@ -7,7 +7,8 @@ from typing import Any
 
 from ray.exceptions import RayActorError
 
-from flora.serve.replica import ReplicaCore, error_chunk
+from flora.serve.replica import ReplicaCore
+from flora.serve.wire import GenerateCall, StreamChunk
 
 
 class LocalBackend:
@@ -16,8 +17,8 @@ class LocalBackend:
     def __init__(self, core: ReplicaCore):
         self.core = core
 
-    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self.core.generate(payload)
+    def stream(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
+        return self.core.generate(call)
 
     async def model_info(self) -> dict[str, Any]:
         return self.core.model_info()
@@ -33,18 +34,18 @@ class RayBackend:
     def __init__(self, handle: Any):  # a ray.serve DeploymentHandle
         self.handle = handle
 
-    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        response = self.handle.options(stream=True).generate.remote(payload)
+    async def stream(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
+        response = self.handle.options(stream=True).generate.remote(call)
         finished, replica = False, None
         try:
             async for chunk in response:
-                replica = chunk.get("replica", replica)
+                replica = chunk.replica or replica
                 yield chunk
             finished = True
         except RayActorError as e:  # the replica died under this request; Ray starts another
             finished = True
             message = f"the replica serving this request stopped ({type(e).__name__}); retry"
-            yield error_chunk(503, message, "unavailable") | {"lost_replica": replica}
+            yield StreamChunk.failure(503, "unavailable", message, lost_replica=replica)
         finally:
             if not finished:  # the client left: stop the replica's generator (frees its KV)
                 response.cancel()

@@ -57,6 +57,20 @@ class ServeArgs(BaseModel):
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a request may run.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    stream_interval_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="A replica joins each request's new tokens for this long before sending "
+        "them on (tokens already waiting are always joined): fewer messages per token through "
+        "Ray and the proxy, at the cost of burstier streams.",
+    )
+    stats_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="A replica's engine counters ride on a stream chunk at most this often (and "
+        "on every request's last chunk), so /metrics gauges stay live during long requests.",
+    )
     ready_ping_timeout_s: float = Field(
         2.0,
         gt=0,

@@ -30,9 +30,11 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapter_format import ServingLimits
 from adapter_registry import (
+    AdapterRecord,
     BaseModelSpec,
     Forbidden,
     InvalidName,
@@ -52,6 +54,7 @@ from adapter_registry.api import (
 from adapter_registry.app import BodySizeLimit, install_error_handlers
 from adapter_registry.errors import error_json
 from adapter_registry.names import InvalidVersion, check_optional
+from flora.engine import SamplingParams
 from flora.serve.config import ServeArgs
 from flora.serve.health import ReplicaHealth
 from flora.serve.limits import TenantLimiter, TooManyRequests
@@ -60,6 +63,7 @@ from flora.serve.openai_types import ChatCompletionRequest, CompletionRequest
 from flora.serve.prompting import CHAT_STOP, chat_text, infer_language, render_chat
 from flora.serve.request_counter import RequestCounter
 from flora.serve.responses import Reply, sse
+from flora.serve.wire import GenerateCall, StreamChunk
 
 log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False, description="a tenant API key")
@@ -68,7 +72,7 @@ _bearer = HTTPBearer(auto_error=False, description="a tenant API key")
 class Backend(Protocol):
     """Where generation happens: the replicas behind a Ray handle, or an in-process engine."""
 
-    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+    def stream(self, call: GenerateCall) -> AsyncIterator[StreamChunk]: ...
 
     async def model_info(self) -> dict[str, Any]: ...
 
@@ -100,7 +104,7 @@ class Served:
 
 
 class Generation:
-    """Turns one OpenAI request into an engine payload, then into an HTTP response."""
+    """Turns one OpenAI request into a :class:`GenerateCall`, then into an HTTP response."""
 
     def __init__(self, app_state: "IngressState", tenant: str, endpoint: str):
         self.state, self.tenant, self.endpoint = app_state, tenant, endpoint
@@ -120,13 +124,12 @@ class Generation:
         chat = isinstance(body, ChatCompletionRequest)
         code = chat_text(body.messages) if chat else (body.text or "")
         adapter, rule, reason = await self._resolve(body, info["name"], code)
-        payload = self._payload(body, adapter)
-        logprobs = payload["params"]["logprobs"]
+        call = self._call(body, adapter)
         label = adapter.label if adapter else info["name"]
         headers = {"x-flora-adapter": adapter.label if adapter else "base"}
         headers["x-flora-adapter-reason"] = reason
         state.metrics.adapter_used(adapter.id if adapter else None, rule)
-        reply = Reply(model=label, chat=chat, want_logprobs=logprobs is not None)
+        reply = Reply(model=label, chat=chat, want_logprobs=call.params.logprobs is not None)
         try:
             state.limiter.acquire(self.tenant)
         except TooManyRequests as e:  # counted, like every response, by RequestCounter
@@ -134,16 +137,18 @@ class Generation:
             return _error_response(429, e.message, "rate_limited", retry)
         state.metrics.in_flight.inc()
         try:
-            stream = state.backend.stream(payload)
+            stream = state.backend.stream(call)
             first = await anext(stream)
         except BaseException:
             self._done(None)
             raise
-        if first.get("error") and isinstance(first["error"], dict):
+        if first.error is not None:
             await stream.aclose()
+            self._observe(first)
             self._done(None)
-            error = first["error"]
-            return _error_response(error["status"], error["message"], error["code"], headers)
+            return _error_response(
+                first.error.status, first.error.message, first.error.code, headers
+            )
         if body.stream:
             return StreamingResponse(
                 self._events(reply, first, stream),
@@ -152,34 +157,37 @@ class Generation:
             )
         return await self._collect(reply, first, stream, headers)
 
-    def _payload(self, body: CompletionRequest | ChatCompletionRequest, adapter: Any) -> dict:
-        """What the replica needs: prompt, sampling parameters, adapter record id, tenant."""
+    def _call(
+        self, body: CompletionRequest | ChatCompletionRequest, adapter: AdapterRecord | None
+    ) -> GenerateCall:
+        """What the replica needs: prompt, sampling parameters, the resolved adapter, tenant."""
         chat = isinstance(body, ChatCompletionRequest)
         logprobs = body.logprobs  # completions: how many alternatives
         if chat:  # chat: a flag, and top_logprobs says how many
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return {
-            "prompt": render_chat(body.messages) if chat else body.text,
-            "prompt_ids": None if chat else body.token_ids,
-            "params": {
-                "max_tokens": body.max_tokens or self.state.args.max_tokens_default,
-                "temperature": body.temperature,
-                "top_p": body.top_p,
-                "top_k": body.top_k,
-                "seed": body.seed,
-                "stop": body.stops + ([CHAT_STOP] if chat else []),
-                "logprobs": logprobs,
-            },
-            "adapter": adapter.id if adapter else None,
-            "tenant": self.tenant,
-            "request_id": f"{self.tenant}-{uuid.uuid4().hex[:16]}",
-        }
+        params = SamplingParams(
+            max_tokens=body.max_tokens or self.state.args.max_tokens_default,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=tuple(body.stops) + ((CHAT_STOP,) if chat else ()),
+            logprobs=logprobs,
+        )
+        return GenerateCall(
+            request_id=f"{self.tenant}-{uuid.uuid4().hex[:16]}",
+            tenant=self.tenant,
+            prompt=render_chat(body.messages) if chat else body.text,
+            prompt_ids=None if chat or body.token_ids is None else tuple(body.token_ids),
+            params=params,
+            adapter=adapter,
+        )
 
     async def _collect(
         self,
         reply: Reply,
-        first: dict[str, Any],
-        stream: AsyncIterator[dict[str, Any]],
+        first: StreamChunk,
+        stream: AsyncIterator[StreamChunk],
         headers: dict[str, str],
     ) -> Response:
         """A whole (non-streamed) answer, within the request timeout."""
@@ -188,12 +196,12 @@ class Generation:
             async with asyncio.timeout(timeout):
                 chunk = first
                 while True:
-                    _add(reply, chunk)
                     self._observe(chunk)
-                    if chunk.get("error"):
-                        status, message, code = _engine_error(chunk["error"])
-                        return _error_response(status, message, code, headers)
-                    if chunk["finish_reason"]:
+                    if chunk.error is not None:
+                        error = chunk.error
+                        return _error_response(error.status, error.message, error.code, headers)
+                    reply.add(chunk)
+                    if chunk.finish_reason:
                         break
                     chunk = await anext(stream)
         except TimeoutError:
@@ -205,23 +213,22 @@ class Generation:
         return JSONResponse(reply.body(), headers=headers)
 
     async def _events(
-        self, reply: Reply, first: dict[str, Any], stream: AsyncIterator[dict[str, Any]]
+        self, reply: Reply, first: StreamChunk, stream: AsyncIterator[StreamChunk]
     ) -> AsyncIterator[str]:
         """SSE events; leaving early (a client that disconnects) cancels the engine request."""
         try:
             chunk, is_first = first, True
             while True:
-                _add(reply, chunk)
                 self._observe(chunk)
-                if chunk.get("error"):  # the 200 is sent: the error goes in the stream
-                    status, message, code = _engine_error(chunk["error"])
-                    kind = "invalid_request_error" if status < 500 else "server_error"
-                    self.state.metrics.stream_error(self.tenant, code)
-                    yield sse(error_json(message, code, kind))
+                if (error := chunk.error) is not None:  # the 200 is sent: it goes in the stream
+                    kind = "invalid_request_error" if error.status < 500 else "server_error"
+                    self.state.metrics.stream_error(self.tenant, error.code)
+                    yield sse(error_json(error.message, error.code, kind))
                     break
+                reply.add(chunk)
                 yield reply.event(chunk, is_first)
                 is_first = False
-                if chunk["finish_reason"]:
+                if chunk.finish_reason:
                     break
                 chunk = await anext(stream)
             yield sse("[DONE]")
@@ -230,13 +237,13 @@ class Generation:
                 await stream.aclose()
             self._done(reply)
 
-    def _observe(self, chunk: dict[str, Any]) -> None:
+    def _observe(self, chunk: StreamChunk) -> None:
         """Engine reports that ride on chunks: a replica's stats, or that it died."""
         metrics = self.state.metrics
-        if "stats" in chunk:
-            metrics.replica_stats(chunk["stats"]["replica"], chunk["stats"])
-        if chunk.get("lost_replica"):
-            metrics.replica_lost(chunk["lost_replica"])
+        if chunk.stats is not None and chunk.replica is not None:
+            metrics.replica_stats(chunk.replica, chunk.stats)
+        if chunk.lost_replica:
+            metrics.replica_lost(chunk.lost_replica)
 
     def _done(self, reply: Reply | None) -> None:
         """Release the tenant's slot and record the generation (exactly once per admitted
@@ -290,20 +297,6 @@ class IngressState:
         self.health = ReplicaHealth(backend, args.ready_ping_timeout_s, args.ready_window_s)
 
 
-def _add(reply: Reply, chunk: dict[str, Any]) -> None:
-    """Count a chunk's tokens; a replica's error chunk (``{"error": {...}}``) has none."""
-    if not isinstance(chunk.get("error"), dict):
-        reply.add(chunk)
-
-
-def _engine_error(error: str | dict[str, Any]) -> tuple[int, str, str]:
-    """(status, message, code) of an error in mid-stream: the engine's own (a string) is a 500,
-    a replica's error chunk (a dict) carries its status (503: it stopped, retry)."""
-    if isinstance(error, dict):
-        return error["status"], error["message"], error["code"]
-    return 500, error, "engine_error"
-
-
 def _error_response(
     status: int, message: str, code: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -330,6 +323,27 @@ _GENERATION_ERRORS = declared(
 _GENERATED = _GENERATION_ERRORS | {200: {"content": {"text/event-stream": {}}}}
 
 
+class KnowTheModel:
+    """Uploads validate against the served model's shapes and limits: learn them first.
+
+    Pure ASGI (not ``@app.middleware``, whose ``BaseHTTPMiddleware`` re-streams every response
+    body through a memory channel: a cost on every token of every stream)."""
+
+    def __init__(self, app: ASGIApp, served: Served):
+        self.app, self.served = app, served
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] == "/v1/adapters"
+        ):
+            with contextlib.suppress(Exception):  # no replica yet: the upload says so (422)
+                async with asyncio.timeout(30):
+                    await self.served.get()
+        await self.app(scope, receive, send)
+
+
 def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> FastAPI:
     """The whole HTTP API over ``backend``."""
     state = IngressState(registry, backend, args)
@@ -348,14 +362,7 @@ def build_ingress_app(registry: Registry, backend: Backend, args: ServeArgs) -> 
     app.include_router(build_router(registry))
     app.state.ingress = state
 
-    @app.middleware("http")
-    async def know_the_model(request: Request, call_next: Any) -> Response:
-        """Uploads validate against the served model's shapes: learn them first."""
-        if request.method == "POST" and request.url.path == "/v1/adapters":
-            with contextlib.suppress(Exception):  # no replica yet: the upload says so (422)
-                async with asyncio.timeout(30):
-                    await state.served.get()
-        return await call_next(request)
+    app.add_middleware(KnowTheModel, served=state.served)
 
     # added last, so outside every other middleware: it sees what each of them answers
     app.add_middleware(RequestCounter, metrics=state.metrics)

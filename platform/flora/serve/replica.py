@@ -1,8 +1,9 @@
 """One engine behind the serving API, free of Ray so it also runs in-process (tests, scripts).
 
-``generate`` streams plain dicts and never raises across the wire: a bad request becomes one
-``{"error": {...}}`` chunk with its HTTP status, so the ingress answers 4xx before it starts a
-stream. The final chunk carries the engine's counters for the ingress's ``/metrics``.
+``generate`` takes a :class:`GenerateCall` and streams :class:`StreamChunk` (flora.serve.wire);
+it never raises across the wire: a bad request becomes one failure chunk with its HTTP status,
+so the ingress answers 4xx before it starts a stream. Chunks carry the engine's counters for
+the ingress's ``/metrics`` at most once a second, and on every request's last chunk.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,21 +20,18 @@ import torch
 from pydantic import ValidationError
 
 from adapter_registry import Registry, RegistrySettings
-from flora.engine import EngineConfig, LLMEngine, Request, SamplingParams, UnknownAdapterError
+from flora.engine import EngineConfig, LLMEngine, Request, UnknownAdapterError
 from flora.engine.async_engine import AsyncEngine, EngineStoppedError
 from flora.engine.engine import RequestError
-from flora.engine.request import ErrorCode, TokenLogprob
+from flora.engine.request import ErrorCode, RequestOutput
+from flora.engine.request import TokenLogprob as EngineLogprob
 from flora.model.config import ModelArgs
 from flora.serve.config import ServeArgs
 from flora.serve.model_dir import prepare_model
 from flora.serve.registry_source import RegistryAdapterSource
+from flora.serve.wire import GenerateCall, StreamChunk, TokenLogprob
 
 log = logging.getLogger(__name__)
-
-
-def error_chunk(status: int, message: str, code: str) -> dict[str, Any]:
-    """What the ingress turns into that HTTP status (first chunk) or an SSE error event."""
-    return {"error": {"status": status, "message": message, "code": code}}
 
 
 # An engine's error → (HTTP status, OpenAI-style code): the caller's adapter is a 422 (resending
@@ -73,6 +72,7 @@ class ReplicaCore:
             _OnEngineThread(self.engine), config.adapter_cache_dir
         )
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._stats_sent_at = 0.0
         self.max_model_len = engine.max_model_len
         log.info(
             "replica %s serves %s from %s on %s (%s)",
@@ -95,58 +95,74 @@ class ReplicaCore:
             "limits": self.engine.engine.serving_limits.model_dump(mode="json"),
         }
 
-    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request: ``payload`` has prompt or prompt_ids, params, adapter, tenant."""
+    async def generate(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
+        """Stream one request. Never raises across the wire: a request the engine refuses is
+        one failure chunk with its HTTP status, so the ingress answers 4xx before any stream."""
+        replica = self.replica_id
+        adapter = call.adapter.id if call.adapter is not None else None
         try:
             request = Request(
-                prompt=payload.get("prompt"),
-                prompt_ids=payload.get("prompt_ids"),
-                params=SamplingParams(**payload.get("params", {})),
-                adapter=payload.get("adapter"),
-                tenant=payload["tenant"],
-                request_id=payload["request_id"],
+                prompt=call.prompt,
+                prompt_ids=call.prompt_ids,
+                params=call.params,
+                adapter=adapter,
+                tenant=call.tenant,
+                request_id=call.request_id,
             )
         except ValidationError as e:
-            yield error_chunk(400, _first_error(e), "invalid_request")
+            yield StreamChunk.failure(400, "invalid_request", _first_error(e), replica=replica)
             return
+        if call.adapter is not None:
+            self.source.admit(call.adapter)  # resolved by the ingress: no second index lookup
         try:
-            async for out in self.engine.generate(request):
-                if out.error:  # the request's last output, with nothing new to stream
-                    if not out.token_ids and self.source.unreachable(request.adapter):
-                        yield error_chunk(503, out.error, "adapter_store_unavailable")
-                        return
-                    status, code = _ERRORS[out.error_code or ErrorCode.INTERNAL]
-                    stats = {"replica": self.replica_id} | await self.engine.stats()
-                    yield error_chunk(status, out.error, code) | {"stats": stats}
-                    return
-                chunk: dict[str, Any] = {
-                    "token_ids": list(out.token_ids),
-                    "text": out.text,
-                    "finish_reason": out.finish_reason.value if out.finish_reason else None,
-                    "usage": [out.usage.prompt_tokens, out.usage.completion_tokens],
-                    "logprobs": [self._logprob(lp) for lp in out.logprobs],
-                    "error": None,
-                    "adapter": out.adapter,
-                    "replica": self.replica_id,  # lets the ingress forget a replica that died
-                }
+            coalesce_s = self.args.stream_interval_ms / 1000
+            async for out in self.engine.generate(request, coalesce_s):
+                yield await self._chunk(out, adapter)
                 if out.finished:
-                    chunk["stats"] = {"replica": self.replica_id} | await self.engine.stats()
-                yield chunk
+                    return
         except UnknownAdapterError as e:
-            yield error_chunk(404, str(e), "model_not_found")
+            yield StreamChunk.failure(404, "model_not_found", str(e), replica=replica)
         except RequestError as e:
-            yield error_chunk(400, str(e), "invalid_request")
+            yield StreamChunk.failure(400, "invalid_request", str(e), replica=replica)
         except EngineStoppedError:
-            yield error_chunk(503, "this replica is shutting down; retry", "unavailable")
+            message = "this replica is shutting down; retry"
+            yield StreamChunk.failure(503, "unavailable", message, replica=replica)
 
-    def _logprob(self, lp: TokenLogprob) -> dict[str, Any]:
+    async def _chunk(self, out: RequestOutput, adapter: str | None) -> StreamChunk:
+        """One engine update on the wire, with the engine's counters now and then."""
+        stats = None
+        now = time.monotonic()
+        if out.finished or now - self._stats_sent_at >= self.args.stats_interval_s:
+            self._stats_sent_at = now
+            stats = await self.engine.stats()
+        if out.error:  # the request's last output, with nothing new to stream
+            status, code = _ERRORS[out.error_code or ErrorCode.INTERNAL]
+            fetch_failure = self.source.fetch_failure(adapter)
+            if out.error_code is ErrorCode.ADAPTER_REFUSED and fetch_failure is not None:
+                status, code = fetch_failure  # the store was down, or the version is gone
+            return StreamChunk.failure(
+                status, code, out.error, replica=self.replica_id, stats=stats
+            )
+        return StreamChunk(
+            replica=self.replica_id,
+            token_ids=out.token_ids,
+            text=out.text,
+            logprobs=tuple(self._logprob(lp) for lp in out.logprobs),
+            prompt_tokens=out.usage.prompt_tokens,
+            completion_tokens=out.usage.completion_tokens,
+            finish_reason=out.finish_reason.value if out.finish_reason else None,
+            adapter=out.adapter,
+            stats=stats,
+        )
+
+    def _logprob(self, lp: EngineLogprob) -> TokenLogprob:
         """A token's log-probability with text, as OpenAI's responses show it."""
         text = self.engine.engine.tokenizer.decode
-        return {
-            "token": text([lp.token_id]),
-            "logprob": lp.logprob,
-            "top": [(text([t]), v) for t, v in lp.top],
-        }
+        return TokenLogprob(
+            token=text([lp.token_id]),
+            logprob=lp.logprob,
+            top=tuple((text([t]), v) for t, v in lp.top),
+        )
 
     async def ping(self) -> None:
         """Answers once the engine thread has run a no-op between two steps, so a frozen or

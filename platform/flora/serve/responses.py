@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from flora.serve.openai_types import usage
+from flora.serve.wire import StreamChunk, TokenLogprob
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
 
@@ -28,7 +30,7 @@ class Reply:
     created: int = field(default_factory=lambda: int(time.time()))
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -40,29 +42,29 @@ class Reply:
     def request_id(self) -> str:
         return ("chatcmpl-" if self.chat else "cmpl-") + self.id
 
-    def add(self, chunk: dict[str, Any]) -> None:
+    def add(self, chunk: StreamChunk) -> None:
         now = time.monotonic()
-        if chunk["token_ids"]:
+        if chunk.token_ids:
             self.first_token_at = self.first_token_at or now
             self.last_token_at = now
-        self.text += chunk["text"]
-        self.token_ids += chunk["token_ids"]
-        self.logprobs += chunk["logprobs"]
-        self.prompt_tokens, self.completion_tokens = chunk["usage"]
-        if chunk["finish_reason"]:
-            self.finish_reason = _FINISH.get(chunk["finish_reason"], "stop")
+        self.text += chunk.text
+        self.token_ids += chunk.token_ids
+        self.logprobs += chunk.logprobs
+        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        if chunk.finish_reason:
+            self.finish_reason = _FINISH.get(chunk.finish_reason, "stop")
 
-    def _logprobs(self, entries: list[dict[str, Any]], offset: int) -> dict[str, Any] | None:
+    def _logprobs(self, entries: Sequence[TokenLogprob], offset: int) -> dict[str, Any] | None:
         if not self.want_logprobs:
             return None
         if self.chat:
             return {
                 "content": [
                     {
-                        "token": e["token"],
-                        "logprob": e["logprob"],
-                        "bytes": list(e["token"].encode()),
-                        "top_logprobs": [{"token": t, "logprob": v} for t, v in e["top"]],
+                        "token": e.token,
+                        "logprob": e.logprob,
+                        "bytes": list(e.token.encode()),
+                        "top_logprobs": [{"token": t, "logprob": v} for t, v in e.top],
                     }
                     for e in entries
                 ]
@@ -70,11 +72,11 @@ class Reply:
         offsets, position = [], offset
         for e in entries:
             offsets.append(position)
-            position += len(e["token"])
+            position += len(e.token)
         return {
-            "tokens": [e["token"] for e in entries],
-            "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [dict(e["top"]) for e in entries],
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries],
             "text_offset": offsets,
         }
 
@@ -103,18 +105,18 @@ class Reply:
             "usage": usage(self.prompt_tokens, self.completion_tokens),
         }
 
-    def event(self, chunk: dict[str, Any], first: bool) -> str:
+    def event(self, chunk: StreamChunk, first: bool) -> str:
         """The SSE event for one replica chunk (after :meth:`add`)."""
-        finish = _FINISH.get(chunk["finish_reason"], "stop") if chunk["finish_reason"] else None
-        offset = len(self.text) - len(chunk["text"])
+        finish = _FINISH.get(chunk.finish_reason, "stop") if chunk.finish_reason else None
+        offset = len(self.text) - len(chunk.text)
         if self.chat:
-            delta: dict[str, Any] = {"content": chunk["text"]}
+            delta: dict[str, Any] = {"content": chunk.text}
             if first:
                 delta["role"] = "assistant"
             choice = {"index": 0, "delta": delta}
         else:
-            choice = {"index": 0, "text": chunk["text"]}
-        choice |= {"logprobs": self._logprobs(chunk["logprobs"], offset), "finish_reason": finish}
+            choice = {"index": 0, "text": chunk.text}
+        choice |= {"logprobs": self._logprobs(chunk.logprobs, offset), "finish_reason": finish}
         body: dict[str, Any] = {
             "id": self.request_id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",

@@ -18,12 +18,15 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from flora.serve.wire import GenerateCall
+
 
 def _adapter_of(request: PendingRequest | None) -> str | None:
-    if request is None or not request.args or not isinstance(request.args[0], dict):
+    """The record id (``tenant/name@version``) a generate call will be served with."""
+    if request is None or not request.args or not isinstance(request.args[0], GenerateCall):
         return None
-    adapter = request.args[0].get("adapter")
-    return adapter if isinstance(adapter, str) else None
+    adapter = request.args[0].adapter
+    return adapter.id if adapter is not None else None
 
 
 def _load(replica: RunningReplica) -> int:
