@@ -14,6 +14,7 @@ from adapter_format.kinds import AdapterKind
 from adapter_format.layout import AdapterLayout, ModelShape, check_adapter
 from adapter_format.limits import ALL_TARGETS, ServingLimits
 from adapter_format.magnitude import DEFAULT_MAX_MAGNITUDE, check_magnitude, effect_bound
+from adapter_format.models import STARCODER
 from adapter_format.modules import MODULES, PARAMS, PREFIX, TENSOR_KEY, short_target
 from adapter_format.patterns import MAX_PATTERN_CHARS, compile_pattern
 
@@ -27,6 +28,7 @@ __all__ = [
     "MODULES",
     "PARAMS",
     "PREFIX",
+    "STARCODER",
     "TENSOR_KEY",
     "WEIGHTS_FILE",
     "AdapterConfig",

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapter_registry.api import build_router, readiness
 from adapter_registry.errors import (
     AdapterTooLarge,
-    RegistryError,
+    ApiError,
     TooManyFailedKeys,
     Unavailable,
     error_json,
@@ -46,8 +46,8 @@ def _validation_message(errors: list) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     """Every error as ``{"error": {"message", "type", "code", "param"}}``; no 500 for bad input."""
 
-    @app.exception_handler(RegistryError)
-    async def registry_error(_: Request, e: RegistryError) -> JSONResponse:
+    @app.exception_handler(ApiError)
+    async def registry_error(_: Request, e: ApiError) -> JSONResponse:
         headers = None
         if isinstance(e, TooManyFailedKeys | Unavailable):  # clients back off, then retry
             headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
@@ -63,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        if isinstance(e.__cause__, RegistryError):
+        if isinstance(e.__cause__, ApiError):
             # FastAPI turns anything raised while it reads a JSON body into a 400 "error parsing
             # the body"; BodySizeLimit raises inside that read, and its 413 must survive.
             return await registry_error(request, e.__cause__)

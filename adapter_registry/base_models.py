@@ -8,11 +8,12 @@ StarCoder family below.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from adapter_format import ModelShape, ServingLimits
+from adapter_format import STARCODER, ModelShape, ServingLimits
 from adapter_registry.errors import InvalidAdapter
 
 
@@ -49,23 +50,14 @@ class BaseModelSpec(BaseModel):
         return self.shape.module_shape(module)
 
 
-_STARCODER = {
-    "bigcode/starcoderbase-1b": (24, 2048, 16),
-    "bigcode/starcoderbase-3b": (36, 2816, 22),
-    "bigcode/starcoderbase-7b": (42, 4096, 32),
-    "bigcode/starcoderbase": (40, 6144, 48),
-    "bigcode/starcoder": (40, 6144, 48),
-}
-
-
 class BaseModelCatalog:
     """Base models adapters may be registered for, by name."""
 
     def __init__(self, specs: list[BaseModelSpec] | None = None, *, builtin: bool = True):
         self._specs: dict[str, BaseModelSpec] = {}
         if builtin:
-            for name, (n_layer, n_embd, n_head) in _STARCODER.items():
-                self.add(BaseModelSpec(name=name, n_layer=n_layer, n_embd=n_embd, n_head=n_head))
+            for shape in STARCODER.values():
+                self.add(BaseModelSpec.model_validate(asdict(shape)))
         for spec in specs or []:
             self.add(spec)
 

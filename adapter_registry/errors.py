@@ -15,8 +15,13 @@ def error_json(
     return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
-class RegistryError(Exception):
-    """Base class: ``status`` is the HTTP status, ``code`` a machine-readable reason."""
+class ApiError(Exception):
+    """An HTTP refusal: ``status`` is the HTTP status, ``code`` a machine-readable reason.
+
+    The HTTP layer (:func:`adapter_registry.app.install_error_handlers`, used by the registry's
+    app and the Serve ingress) answers every one in OpenAI's error shape. The registry's own
+    failures are :class:`RegistryError`; the ingress's refusals that are not about the registry
+    subclass this directly (``flora.serve.errors``)."""
 
     status = 400
     code = "invalid_request"
@@ -29,6 +34,10 @@ class RegistryError(Exception):
 
     def to_json(self) -> dict:
         return error_json(self.message, self.code, self.kind, self.param)
+
+
+class RegistryError(ApiError):
+    """The registry's failures (names, adapters, keys, backends), each with its status."""
 
 
 class InvalidName(RegistryError):

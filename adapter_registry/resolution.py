@@ -1,8 +1,9 @@
 """Which adapter serves a request when the client did not name one, and why.
 
-Order (design.md §5): explicit name → (tenant, user, language) → (tenant, user, any language)
-→ (tenant, language) → global adapter for the language → base model. Within a rule the newest
-registration wins. The returned reason goes to logs and response headers.
+Order (docs/registry.md, "Resolution"): explicit name → (tenant, user, language) →
+(tenant, user, any language) → (tenant, language) → global adapter for the language → base
+model. Within a rule the newest registration wins. The returned reason goes to logs and
+response headers.
 """
 
 from __future__ import annotations

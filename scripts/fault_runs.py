@@ -1,6 +1,6 @@
 """Faults under load: start `serve run deployments/starcoder.yaml` on its own redis-server and
-S3-compatible server, run every fault scenario of ``tests/reliability/faults.py`` under load and
-write the results into docs/reliability.md ("Faults under load").
+S3-compatible server, run every fault scenario of ``flora.bench.faults`` under load and write
+the results into docs/reliability.md ("Faults under load").
 
     .venv/bin/python scripts/fault_runs.py                 # 32 clients, 30 s per scenario
     .venv/bin/python scripts/fault_runs.py --concurrency 64 --seconds 60
@@ -19,11 +19,11 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests/ holds the server helpers the tests use too
+from flora.bench import faults
+from flora.bench.load import LoadWorkload
 
-from flora.bench.load import LoadWorkload  # noqa: E402
-from tests.reliability import faults  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "deployments" / "starcoder.yaml"
 
 SECTION, NEXT = "## Faults under load", "## Bad input"
 # what the first runs found, and what was fixed (each fix has a regression test)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     workdir = Path(tempfile.mkdtemp(prefix="flora-faults-"))
     cache = args.cache_dir or workdir / "cache"
-    with faults.world(workdir, cache, tenants=args.tenants) as world:
+    with faults.world(workdir, cache, args.tenants, config=CONFIG, cwd=REPO) as world:
         summary = world.setup.summary  # before scenario d deletes an adapter
         print(summary, flush=True)
         results = asyncio.run(faults.all_scenarios(world, workload))

@@ -25,11 +25,11 @@ import torch
 
 from flora.cache import cache_root
 from flora.model.checkpoint import load_model
+from flora.model.tiny.build import ensure_tiny_model
 from flora.model.tokenizer import Tokenizer
 from flora.train.adapter_training import TrainConfig
 from flora.train.datasets import heldout_windows, load_language_data
 from flora.train.evaluation import Job, mean_losses
-from flora.train.tiny_model import ensure_tiny_model
 from flora.train.training_run import train_adapters
 
 KINDS = ("flora", "lora", "ia3")

@@ -64,7 +64,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from flora.model.config import ModelArgs
-    from flora.train import tiny_model
+    from flora.model.tiny import build as tiny_model
 
     options = {
         "preset": args.preset,

@@ -14,16 +14,16 @@ from flora.adapters import (
     FloraWeights,
     IA3Weights,
     InvalidAdapterError,
+    KernelPath,
     LoraWeights,
     MaterialisedCache,
-    Path,
     SlotError,
 )
 from flora.adapters.reference import reference_forward
 from tests.adapters.conftest import assert_matches, make_layer, rand, random_flora
 
 K, D = 16, 12
-SEGMENTED = {AdapterKind.FLORA: Path.FLORA_SEGMENTED}
+SEGMENTED = {AdapterKind.FLORA: KernelPath.FLORA_SEGMENTED}
 
 
 def test_base_weight_is_shared_not_copied(gen):
@@ -40,7 +40,7 @@ def test_low_rank_adapter_in_high_rank_slot_computes_its_own_mean(gen):
     assert layer.bank.ranks[1] == 2
     assert torch.count_nonzero(layer.bank.flora_A[2, 2:]) == 0  # padding past the rank
     x = rand(gen, 5, K)
-    for path in (Path.FLORA_VECTORISED, Path.FLORA_SEGMENTED):
+    for path in (KernelPath.FLORA_VECTORISED, KernelPath.FLORA_SEGMENTED):
         with torch.no_grad():
             y = layer(x, AdapterBatch.from_slots([1] * 5), paths={AdapterKind.FLORA: path})
         ref = reference_forward(x, layer.base.weight, layer.base.bias, [adapter] * 5)
@@ -184,5 +184,5 @@ def test_forcing_a_path_of_another_kind_is_an_error(gen):
         layer(
             rand(gen, 2, K).float(),
             AdapterBatch.from_slots([0, 0]),
-            paths={AdapterKind.FLORA: Path.LORA_GATHER},
+            paths={AdapterKind.FLORA: KernelPath.LORA_GATHER},
         )

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from flora.adapters import AdapterBatch, AdapterKind, Path
+from flora.adapters import AdapterBatch, AdapterKind, KernelPath
 from flora.adapters.calibration import Calibration, DeviceProfile, GemmCurve
 from flora.adapters.dispatch import PATHS_BY_KIND, CostModel, Workload
 from tests.adapters.conftest import make_layer, random_flora, random_lora
@@ -34,26 +34,35 @@ def best(kind, w):
 
 
 def test_rank_one_many_adapters_prefers_vectorised_flora():
-    assert best(AdapterKind.FLORA, workload([2] * 32, [1] * 32)) is Path.FLORA_VECTORISED
+    assert best(AdapterKind.FLORA, workload([2] * 32, [1] * 32)) is KernelPath.FLORA_VECTORISED
 
 
 def test_high_rank_one_hot_cached_adapter_prefers_segmented_flora():
     w = workload([64], [32], cached=[True])
-    assert best(AdapterKind.FLORA, w) is Path.FLORA_SEGMENTED
-    assert MODEL.cost(Path.FLORA_SEGMENTED, w) < MODEL.cost(Path.FLORA_VECTORISED, w) / 8
+    assert best(AdapterKind.FLORA, w) is KernelPath.FLORA_SEGMENTED
+    assert (
+        MODEL.cost(KernelPath.FLORA_SEGMENTED, w) < MODEL.cost(KernelPath.FLORA_VECTORISED, w) / 8
+    )
 
 
 def test_costs_grow_with_rank_and_cold_materialisation_costs_more():
     w1, w16 = workload([8] * 8, [1] * 8), workload([8] * 8, [16] * 8)
-    for path in (Path.FLORA_VECTORISED, Path.LORA_GATHER, Path.LORA_STACKED, Path.LORA_BMM):
+    for path in (
+        KernelPath.FLORA_VECTORISED,
+        KernelPath.LORA_GATHER,
+        KernelPath.LORA_STACKED,
+        KernelPath.LORA_BMM,
+    ):
         assert MODEL.cost(path, w16) > MODEL.cost(path, w1)
     cold, hot = workload([8] * 8, [16] * 8), workload([8] * 8, [16] * 8, cached=[True] * 8)
-    assert MODEL.cost(Path.FLORA_SEGMENTED, cold) > MODEL.cost(Path.FLORA_SEGMENTED, hot)
+    assert MODEL.cost(KernelPath.FLORA_SEGMENTED, cold) > MODEL.cost(
+        KernelPath.FLORA_SEGMENTED, hot
+    )
 
 
 def test_flora_rank_one_costs_about_one_base_gemm():
     w = workload([2] * 32, [1] * 32)
-    assert MODEL.cost(Path.FLORA_VECTORISED, w) < 1.1 * MODEL.cost(Path.BASE, w)
+    assert MODEL.cost(KernelPath.FLORA_VECTORISED, w) < 1.1 * MODEL.cost(KernelPath.BASE, w)
 
 
 def test_gemm_curve_interpolates_and_extrapolates():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora.adapters import AdapterBatch, AdapterKind, Path
+from flora.adapters import AdapterBatch, AdapterKind, KernelPath
 from flora.adapters.flora import flora_vectorised
 from flora.adapters.ia3 import ia3_forward
 from flora.adapters.lora import lora_bmm, lora_gather, lora_segmented, lora_stacked
@@ -56,10 +56,10 @@ def test_gradcheck(gen, case):
 @pytest.mark.parametrize(
     ("kind", "path"),
     [
-        (AdapterKind.FLORA, Path.FLORA_VECTORISED),
-        (AdapterKind.FLORA, Path.FLORA_SEGMENTED),
-        (AdapterKind.LORA, Path.LORA_SEGMENTED),
-        (AdapterKind.LORA, Path.LORA_STACKED),
+        (AdapterKind.FLORA, KernelPath.FLORA_VECTORISED),
+        (AdapterKind.FLORA, KernelPath.FLORA_SEGMENTED),
+        (AdapterKind.LORA, KernelPath.LORA_SEGMENTED),
+        (AdapterKind.LORA, KernelPath.LORA_STACKED),
     ],
 )
 def test_layer_gradients_match_reference(gen, kind, path):

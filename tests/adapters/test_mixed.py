@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from flora.adapters import AdapterBatch, AdapterKind, MaterialisedCache, Path
+from flora.adapters import AdapterBatch, AdapterKind, KernelPath, MaterialisedCache
 from flora.adapters.reference import reference_forward
 from tests.adapters.conftest import (
     assert_matches,
@@ -20,8 +20,13 @@ from tests.adapters.conftest import (
 )
 
 K, D = 40, 56
-FLORA_PATHS = [Path.FLORA_VECTORISED, Path.FLORA_SEGMENTED]
-LORA_PATHS = [Path.LORA_GATHER, Path.LORA_SEGMENTED, Path.LORA_STACKED, Path.LORA_BMM]
+FLORA_PATHS = [KernelPath.FLORA_VECTORISED, KernelPath.FLORA_SEGMENTED]
+LORA_PATHS = [
+    KernelPath.LORA_GATHER,
+    KernelPath.LORA_SEGMENTED,
+    KernelPath.LORA_STACKED,
+    KernelPath.LORA_BMM,
+]
 
 
 def mixed_layer(gen, dtype, cache=None):

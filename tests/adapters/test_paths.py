@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora.adapters import AdapterBatch, AdapterKind, Path
+from flora.adapters import AdapterBatch, AdapterKind, KernelPath
 from flora.adapters.reference import reference_forward
 from tests.adapters.conftest import (
     assert_matches,
@@ -26,13 +26,13 @@ DTYPES = [torch.float32, torch.bfloat16]
 RANKS = {"r1": [1], "r2": [2], "r4": [4], "r8": [8], "r16": [16], "mixed": [1, 2, 3, 8, 16, 5]}
 PATTERNS = ["one", "many", "requests", "with_base", "all_base"]
 KIND_PATHS = [
-    (AdapterKind.FLORA, Path.FLORA_VECTORISED),
-    (AdapterKind.FLORA, Path.FLORA_SEGMENTED),
+    (AdapterKind.FLORA, KernelPath.FLORA_VECTORISED),
+    (AdapterKind.FLORA, KernelPath.FLORA_SEGMENTED),
     (AdapterKind.FLORA, None),  # dispatcher's choice
-    (AdapterKind.LORA, Path.LORA_GATHER),
-    (AdapterKind.LORA, Path.LORA_SEGMENTED),
-    (AdapterKind.LORA, Path.LORA_STACKED),
-    (AdapterKind.LORA, Path.LORA_BMM),
+    (AdapterKind.LORA, KernelPath.LORA_GATHER),
+    (AdapterKind.LORA, KernelPath.LORA_SEGMENTED),
+    (AdapterKind.LORA, KernelPath.LORA_STACKED),
+    (AdapterKind.LORA, KernelPath.LORA_BMM),
     (AdapterKind.LORA, None),
 ]
 

@@ -7,7 +7,7 @@ import torch
 from peft import IA3Config, LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from flora.adapters import AdapterBatch, AdapterKind, IA3Weights, LoraWeights, Path
+from flora.adapters import AdapterBatch, AdapterKind, IA3Weights, KernelPath, LoraWeights
 from tests.adapters.conftest import make_layer, rand
 
 K, D = 24, 20
@@ -50,7 +50,13 @@ def peft_ia3(base: nn.Linear, weights: IA3Weights) -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    "path", [Path.LORA_GATHER, Path.LORA_SEGMENTED, Path.LORA_STACKED, Path.LORA_BMM]
+    "path",
+    [
+        KernelPath.LORA_GATHER,
+        KernelPath.LORA_SEGMENTED,
+        KernelPath.LORA_STACKED,
+        KernelPath.LORA_BMM,
+    ],
 )
 def test_lora_equals_peft(gen, path):
     layer = make_layer(gen, K, D, torch.float64)

@@ -11,6 +11,7 @@ admission limiter.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Iterator
@@ -111,8 +112,8 @@ def assert_still_serving(world: World) -> None:
         ok = world.complete({"model": model, "prompt": "def f():", "temperature": 0})
         assert ok.status_code == 200, ok.text
         assert ok.json()["usage"]["completion_tokens"] >= 1
-    engine = world.stack.core.engine.engine
-    assert not engine.sequences and not engine.stats()["running"]
+    stats = asyncio.run(world.stack.core.engine.stats())  # read on the engine thread
+    assert not stats["running"] and not stats["waiting"]
     assert world.stack.core.engine.running
     ingress = world.http.get("/healthz")
     assert ingress.status_code == 200

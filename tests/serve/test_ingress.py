@@ -6,6 +6,7 @@ isolated on every route; bad input gets OpenAI-shaped 4xx and the server keeps s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -252,7 +253,7 @@ def test_a_client_that_leaves_a_stream_frees_its_request(stack, world):
             if line.startswith("data: "):
                 break  # one event, then hang up
     deadline = time.monotonic() + 10
-    while stack.core.engine.engine.stats()["running"] or stack.core.engine.engine.sequences:
+    while (stats := asyncio.run(stack.core.engine.stats()))["running"] or stats["waiting"]:
         assert time.monotonic() < deadline, "the abandoned request is still in the engine"
         time.sleep(0.05)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flora.train.corpus import (
+from flora.model.tiny.corpus import (
     LANGUAGES,
     MAX_FILE_BYTES,
     available_languages,

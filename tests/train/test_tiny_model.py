@@ -11,9 +11,9 @@ from transformers import AutoTokenizer, GPTBigCodeForCausalLM
 
 from flora.cli import main
 from flora.model.checkpoint import load_model
+from flora.model.tiny.build import RECORD
 from flora.model.tokenizer import Tokenizer
 from flora.train import ensure_tiny_model, make_tiny_model
-from flora.train.tiny_model import RECORD
 
 # Two languages keep an untrained micro build near a second on a 2-core CPU.
 FAST = {"preset": "micro", "languages": ["python", "c"], "progress": False}

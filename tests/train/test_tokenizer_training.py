@@ -8,9 +8,9 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer
 
+from flora.model.tiny.bpe import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from flora.model.tiny.corpus import collect
 from flora.model.tokenizer import Tokenizer
-from flora.train.corpus import collect
-from flora.train.tokenizer_training import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 SAMPLES = [
     "def add(a, b):\n    return a + b  # 12345\n",

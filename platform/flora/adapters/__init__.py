@@ -2,7 +2,7 @@
 
 from flora.adapters.bank import AdapterBank, BankConfig
 from flora.adapters.batch import NO_ADAPTER, AdapterBatch
-from flora.adapters.dispatch import Dispatcher, Path
+from flora.adapters.dispatch import Dispatcher, KernelPath
 from flora.adapters.errors import AdapterError, InvalidAdapterError, SlotError
 from flora.adapters.layer import AdaptedLinear
 from flora.adapters.materialised import MaterialisedCache
@@ -20,8 +20,8 @@ __all__ = [
     "FloraWeights",
     "IA3Weights",
     "InvalidAdapterError",
+    "KernelPath",
     "LoraWeights",
     "MaterialisedCache",
-    "Path",
     "SlotError",
 ]

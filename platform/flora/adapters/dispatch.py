@@ -23,7 +23,7 @@ from flora.adapters.calibration import DEFAULT_CALIBRATION, Calibration, DeviceP
 from flora.adapters.weights import AdapterKind
 
 
-class Path(enum.StrEnum):
+class KernelPath(enum.StrEnum):
     """The batched implementations a layer can run."""
 
     BASE = "base"
@@ -36,10 +36,15 @@ class Path(enum.StrEnum):
     IA3 = "ia3"
 
 
-PATHS_BY_KIND: dict[AdapterKind, tuple[Path, ...]] = {
-    AdapterKind.FLORA: (Path.FLORA_VECTORISED, Path.FLORA_SEGMENTED),
-    AdapterKind.LORA: (Path.LORA_GATHER, Path.LORA_SEGMENTED, Path.LORA_STACKED, Path.LORA_BMM),
-    AdapterKind.IA3: (Path.IA3,),
+PATHS_BY_KIND: dict[AdapterKind, tuple[KernelPath, ...]] = {
+    AdapterKind.FLORA: (KernelPath.FLORA_VECTORISED, KernelPath.FLORA_SEGMENTED),
+    AdapterKind.LORA: (
+        KernelPath.LORA_GATHER,
+        KernelPath.LORA_SEGMENTED,
+        KernelPath.LORA_STACKED,
+        KernelPath.LORA_BMM,
+    ),
+    AdapterKind.IA3: (KernelPath.IA3,),
 }
 
 
@@ -97,16 +102,16 @@ class CostModel:
     def _thin(self, flops: float, ops: int = 1) -> float:
         return ops * self.p.op_seconds + flops / self.p.thin_flops_per_second
 
-    def cost(self, path: Path, w: Workload) -> float:
+    def cost(self, path: KernelPath, w: Workload) -> float:
         k, d, t, r = w.in_features, w.out_features, w.tokens, w.max_rank
         base = self.gemm(t)
-        if path is Path.BASE:
+        if path is KernelPath.BASE:
             return base
-        if path is Path.IA3:
+        if path is KernelPath.IA3:
             return base + self._ew(3 * t * (k + d), ops=4)
-        if path is Path.FLORA_VECTORISED:
+        if path is KernelPath.FLORA_VECTORISED:
             return self.gemm(t * r) + self._ew(t * r * (3 * k + 4 * d), ops=6 if r > 1 else 5)
-        if path is Path.FLORA_SEGMENTED:
+        if path is KernelPath.FLORA_SEGMENTED:
             weight_read = d * k * self.esize / self.p.bytes_per_second
             total = self._ew(2 * t * (k + d), ops=3)
             for count, rank, hit in zip(w.counts, w.ranks, w.cached, strict=True):
@@ -114,9 +119,9 @@ class CostModel:
                 if rank and not hit:
                     total += self._thin(2 * d * k * rank) + self._ew(3 * d * k)
             return total
-        if path is Path.LORA_GATHER:
+        if path is KernelPath.LORA_GATHER:
             return base + self._ew(3 * t * r * (k + d), ops=6) + self._thin(2 * t * r * (k + d))
-        if path is Path.LORA_SEGMENTED:
+        if path is KernelPath.LORA_SEGMENTED:
             n = w.adapters
             return (
                 base
@@ -128,14 +133,14 @@ class CostModel:
                 )
                 + self._ew(n * r * (k + d))
             )
-        if path is Path.LORA_STACKED:
+        if path is KernelPath.LORA_STACKED:
             nr = w.adapters * r
             return (
                 base
                 + self._thin(2 * t * nr * (k + d), ops=2)
                 + self._ew(nr * (k + d) + 3 * t * nr, ops=6)
             )
-        if path is Path.LORA_BMM:
+        if path is KernelPath.LORA_BMM:
             padded = w.runs * w.longest_run
             return (
                 base
@@ -161,7 +166,7 @@ class Dispatcher:
         *,
         tune_margin: float = 1.6,
         tune_repeats: int = 3,
-        force: Mapping[AdapterKind, Path] | None = None,
+        force: Mapping[AdapterKind, KernelPath] | None = None,
     ) -> None:
         self.force = dict(force or {})
         for kind, path in self.force.items():
@@ -170,7 +175,7 @@ class Dispatcher:
         self.calibration = calibration or DEFAULT_CALIBRATION
         self.tune_margin, self.tune_repeats = tune_margin, tune_repeats
         self._models: dict[tuple, CostModel] = {}
-        self._decided: dict[tuple, Path] = {}
+        self._decided: dict[tuple, KernelPath] = {}
         self._lock = threading.Lock()
 
     def cost_model(
@@ -191,8 +196,8 @@ class Dispatcher:
         workload: Workload,
         device: torch.device,
         dtype: torch.dtype,
-        measure: Callable[[Path], float] | None = None,
-    ) -> Path:
+        measure: Callable[[KernelPath], float] | None = None,
+    ) -> KernelPath:
         """The predicted-cheapest path; ``measure(path)`` (seconds) settles close calls."""
         if kind in self.force:
             return self.force[kind]

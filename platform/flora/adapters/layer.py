@@ -16,7 +16,7 @@ from torch import nn
 
 from flora.adapters.bank import AdapterBank, BankConfig
 from flora.adapters.batch import NO_ADAPTER, AdapterBatch
-from flora.adapters.dispatch import PATHS_BY_KIND, Dispatcher, Path, Workload
+from flora.adapters.dispatch import PATHS_BY_KIND, Dispatcher, KernelPath, Workload
 from flora.adapters.errors import SlotError
 from flora.adapters.flora import flora_vectorised
 from flora.adapters.ia3 import ia3_forward
@@ -25,7 +25,7 @@ from flora.adapters.materialised import MaterialisedCache
 from flora.adapters.segmented import flora_segmented, materialise_flora
 from flora.adapters.weights import AdapterKind, AdapterWeights
 
-PathChoice = Mapping[AdapterKind, Path]
+PathChoice = Mapping[AdapterKind, KernelPath]
 
 
 class AdaptedLinear(nn.Module):
@@ -97,7 +97,7 @@ class AdaptedLinear(nn.Module):
             y = self._run_mixed(groups, x2, batch, paths)
         return y.view(*lead, self.out_features)
 
-    def plan(self, batch: AdapterBatch) -> dict[AdapterKind, Path]:
+    def plan(self, batch: AdapterBatch) -> dict[AdapterKind, KernelPath]:
         """The path the dispatcher would run for each kind present (for logs and benchmarks)."""
         groups = self.bank.group_by_kind(batch.slots)
         kinds = [kind for kind in groups if kind is not None]
@@ -137,7 +137,7 @@ class AdaptedLinear(nn.Module):
         batch: AdapterBatch,
         x: torch.Tensor | None = None,
         ranks: dict[int, int] | None = None,
-    ) -> Path:
+    ) -> KernelPath:
         w = self.base.weight
         measure = None
         if x is not None and not torch.is_grad_enabled():
@@ -145,7 +145,9 @@ class AdaptedLinear(nn.Module):
         workload = self.workload(kind, batch, ranks)
         return self.dispatcher.choose(kind, workload, w.device, w.dtype, measure)
 
-    def _time(self, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch, path: Path) -> float:
+    def _time(
+        self, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch, path: KernelPath
+    ) -> float:
         sync = torch.cuda.synchronize if x.device.type == "cuda" else lambda: None
         sync()
         start = time.perf_counter()
@@ -175,20 +177,20 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"path {path} cannot run {kind} adapters")
         bank, w, b, idx = self.bank, self.base.weight, self.base.bias, batch.entries
         rank = max(ranks.values(), default=1) or 1
-        if path is Path.FLORA_VECTORISED:
+        if path is KernelPath.FLORA_VECTORISED:
             return flora_vectorised(x, w, b, bank.flora_A, bank.flora_Bt, idx, rank)
-        if path is Path.FLORA_SEGMENTED:
+        if path is KernelPath.FLORA_SEGMENTED:
             return flora_segmented(
                 x, w, b, bank.flora_A, bank.flora_Bt, ranks, batch, self._materialised
             )
-        if path is Path.LORA_GATHER:
+        if path is KernelPath.LORA_GATHER:
             return lora_gather(x, w, b, bank.lora_A, bank.lora_Bt, idx, rank)
-        if path is Path.LORA_SEGMENTED:
+        if path is KernelPath.LORA_SEGMENTED:
             return lora_segmented(x, w, b, bank.lora_A, bank.lora_Bt, ranks, batch)
-        if path is Path.LORA_STACKED:
+        if path is KernelPath.LORA_STACKED:
             active = [s for s, r in ranks.items() if r]
             return lora_stacked(x, w, b, bank.lora_A, bank.lora_Bt, idx, active, rank)
-        if path is Path.LORA_BMM:
+        if path is KernelPath.LORA_BMM:
             return lora_bmm(x, w, b, bank.lora_A, bank.lora_Bt, batch, rank)
         present = [s for s, r in ranks.items() if r]  # IA3 slots have rank 1
         return ia3_forward(

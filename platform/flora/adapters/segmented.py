@@ -2,7 +2,7 @@
 
 Tokens are grouped by slot; each group runs against ``W ∘ M_i`` built once (or taken from the
 :class:`MaterialisedCache`). It beats the vectorised path when ``r`` is high and few adapters are
-present: ``N·d·k·r + T·d·k < r·T·d·k`` (design.md §2).
+present: ``N·d·k·r + T·d·k < r·T·d·k`` (docs/adapters.md).
 """
 
 from __future__ import annotations

@@ -15,25 +15,15 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flora.adapters import AdapterKind, FloraWeights, IA3Weights, LoraWeights
-from flora.adapters import Path as KernelPath
+from flora.adapters import AdapterKind, FloraWeights, IA3Weights, KernelPath, LoraWeights
+from flora.bench.engine_methods import Method, Run, adapter_names
 from flora.engine import EngineConfig, LLMEngine, LocalAdapterSource, Request, SamplingParams
 from flora.model import GPTBigCode, ModelArgs, save_adapter_dir
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    runner: str  # engine | peft | hf
-    kind: AdapterKind | None = None
-    rank: int = 0
-    distinct: bool = True
-    path: KernelPath | None = None
 
 
 def methods(ranks: list[int], baselines: bool = True) -> list[Method]:
@@ -71,17 +61,6 @@ class Workload:
         ratio = self.prompt_max / self.prompt_min
         lengths = [int(self.prompt_min * ratio ** rng.random()) for _ in range(self.requests)]
         return [[rng.randrange(1, vocab) for _ in range(n)] for n in lengths]
-
-
-@dataclass
-class Run:
-    tokens: int
-    seconds: float
-    itl: list[float] = field(default_factory=list)  # inter-token latencies, seconds
-
-    @property
-    def throughput(self) -> float:
-        return self.tokens / self.seconds
 
 
 def random_adapter_layers(args: ModelArgs, kind: AdapterKind, rank: int, gen: torch.Generator):
@@ -146,13 +125,10 @@ class Bench:
         )
         self.prompts = workload.prompts(args.vocab_size)
         self._write_adapters()
-        self._hf = None
+        self._baselines: dict[tuple, object] = {}  # transformers/PEFT models, built on first use
 
     def _names(self, m: Method) -> list[str | None]:
-        if m.kind is None or m.runner == "hf":
-            return [None] * self.workload.requests
-        tag = f"{m.kind}-r{m.rank}"
-        return [f"{tag}-{i if m.distinct else 0}" for i in range(self.workload.requests)]
+        return adapter_names(m, self.workload.requests)
 
     def _write_adapters(self) -> None:
         gen = torch.Generator().manual_seed(self.workload.seed + 1)
@@ -201,9 +177,22 @@ class Bench:
         return _summarise(stamps)
 
     def _run_generate(self, m: Method) -> Run:
-        from flora.bench.hf_baselines import generate_run
+        from flora.bench import hf_baselines
 
-        return generate_run(self, m)
+        names = self._names(m)
+        key = (m.runner, m.kind, m.rank)
+        if key not in self._baselines:
+            self.progress(f"building the {m.name} baseline model")
+            if m.runner == "peft":
+                root = self.root / "adapters"
+                built = hf_baselines.peft_model(self.model, self.device, root, names)
+            else:
+                built = hf_baselines.hf_model(self.model, self.device)
+            self._baselines[key] = built
+        adapters = names if m.runner == "peft" else None
+        return hf_baselines.generate_run(
+            self._baselines[key], self.prompts, self.workload.output_tokens, self.device, adapters
+        )
 
 
 def drive(engine: LLMEngine, requests: list[Request]) -> dict[str, list[float]]:

@@ -1,16 +1,23 @@
 """The baselines users would otherwise run: transformers ``generate`` on the same weights, and
-PEFT's mixed-adapter batch (``generate(adapter_names=…)``) with one LoRA per request."""
+PEFT's mixed-adapter batch (``generate(adapter_names=…)``) with one LoRA per request.
+
+Needs the ``bench`` extra (transformers, peft), imported when a baseline is built or run.
+"""
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from flora.bench.engine_methods import Run
+
 if TYPE_CHECKING:
-    from flora.bench.engine import Bench, Method, Run
+    from flora.model import GPTBigCode
 
 
 class _StepClock:
@@ -24,56 +31,58 @@ class _StepClock:
         return scores
 
 
-def hf_model(bench: Bench):
+def hf_model(model: GPTBigCode, device: str):
+    """transformers' GPTBigCode with ``model``'s weights, on ``device`` in its dtype."""
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-    config = GPTBigCodeConfig(**bench.args.to_hf_config())
-    with torch.device(bench.device):
-        model = GPTBigCodeForCausalLM(config).to(bench.model.dtype)
-    missing, unexpected = model.load_state_dict(bench.model.base_state_dict(), strict=False)
+    config = GPTBigCodeConfig(**model.args.to_hf_config())
+    with torch.device(device):
+        hf = GPTBigCodeForCausalLM(config).to(model.dtype)
+    missing, unexpected = hf.load_state_dict(model.base_state_dict(), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"weights do not map onto transformers: {missing}, {unexpected}")
-    model.tie_weights()
-    return model.eval().requires_grad_(False)
+    hf.tie_weights()
+    return hf.eval().requires_grad_(False)
 
 
-def _peft_model(bench: Bench, names: list[str]):
+def peft_model(model: GPTBigCode, device: str, adapter_root: Path, names: Sequence[str | None]):
+    """:func:`hf_model` wrapped by PEFT with every adapter ``names`` lists (dirs under the root)."""
     from peft import PeftModel
 
-    root = bench.root / "adapters"
-    model = PeftModel.from_pretrained(hf_model(bench), str(root / names[0]), adapter_name=names[0])
-    for name in dict.fromkeys(names[1:]):
-        model.load_adapter(str(root / name), adapter_name=name)
-    return model.eval()
+    first, *rest = [n for n in names if n is not None]
+    peft = PeftModel.from_pretrained(
+        hf_model(model, device), str(adapter_root / first), adapter_name=first
+    )
+    for name in dict.fromkeys(rest):
+        peft.load_adapter(str(adapter_root / name), adapter_name=name)
+    return peft.eval()
 
 
-def generate_run(bench: Bench, m: Method) -> Run:
+def generate_run(
+    model,
+    prompts: Sequence[Sequence[int]],
+    output_tokens: int,
+    device: str,
+    adapter_names: Sequence[str | None] | None = None,
+) -> Run:
+    """One batched greedy ``generate`` of exactly ``output_tokens`` per prompt (left-padded);
+    with ``adapter_names`` (a PEFT model), request i runs on adapter i."""
     from transformers import LogitsProcessorList
 
-    from flora.bench.engine import Run
-
-    names = bench._names(m)
-    key = (m.runner, m.kind, m.rank)
-    if bench._hf is None:
-        bench._hf = {}
-    if key not in bench._hf:
-        bench.progress(f"building the {m.name} baseline model")
-        bench._hf[key] = _peft_model(bench, names) if m.runner == "peft" else hf_model(bench)
-    model = bench._hf[key]
-    longest = max(len(p) for p in bench.prompts)
-    ids = torch.zeros(len(bench.prompts), longest, dtype=torch.long)
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, p in enumerate(bench.prompts):  # left padding, as generate expects
+    for i, p in enumerate(prompts):  # left padding, as generate expects
         ids[i, longest - len(p) :] = torch.tensor(p)
         mask[i, longest - len(p) :] = 1
-    n = bench.workload.output_tokens
+    n = output_tokens
     clock = _StepClock()
-    kwargs = {"adapter_names": names} if m.runner == "peft" else {}
+    kwargs = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids.to(bench.device),
-            attention_mask=mask.to(bench.device),
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=n,
             min_new_tokens=n,
             do_sample=False,
@@ -81,9 +90,9 @@ def generate_run(bench: Bench, m: Method) -> Run:
             logits_processor=LogitsProcessorList([clock]),
             **kwargs,
         )
-    if bench.device.startswith("cuda"):
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    generated = (out.shape[1] - longest) * len(bench.prompts)
+    generated = (out.shape[1] - longest) * len(prompts)
     itl = [b - a for a, b in itertools.pairwise(clock.stamps)]
-    return Run(generated, seconds, itl * len(bench.prompts))
+    return Run(generated, seconds, itl * len(prompts))

@@ -19,9 +19,9 @@ from flora.adapters import (
     Dispatcher,
     FloraWeights,
     IA3Weights,
+    KernelPath,
     LoraWeights,
     MaterialisedCache,
-    Path,
 )
 from flora.adapters.dispatch import PATHS_BY_KIND
 from flora.bench.timing import interleaved_timings
@@ -35,17 +35,17 @@ SHAPES: dict[str, tuple[int, int]] = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # method → (kind, forced path or None for the dispatcher's own choice)
-METHODS: dict[str, tuple[AdapterKind | None, Path | None]] = {
-    "base": (None, Path.BASE),
-    "flora": (AdapterKind.FLORA, Path.FLORA_VECTORISED),
-    "flora_seg": (AdapterKind.FLORA, Path.FLORA_SEGMENTED),
+METHODS: dict[str, tuple[AdapterKind | None, KernelPath | None]] = {
+    "base": (None, KernelPath.BASE),
+    "flora": (AdapterKind.FLORA, KernelPath.FLORA_VECTORISED),
+    "flora_seg": (AdapterKind.FLORA, KernelPath.FLORA_SEGMENTED),
     "flora_auto": (AdapterKind.FLORA, None),
-    "lora_gather": (AdapterKind.LORA, Path.LORA_GATHER),
-    "lora_seg": (AdapterKind.LORA, Path.LORA_SEGMENTED),
-    "lora_stacked": (AdapterKind.LORA, Path.LORA_STACKED),
-    "lora_bmm": (AdapterKind.LORA, Path.LORA_BMM),
+    "lora_gather": (AdapterKind.LORA, KernelPath.LORA_GATHER),
+    "lora_seg": (AdapterKind.LORA, KernelPath.LORA_SEGMENTED),
+    "lora_stacked": (AdapterKind.LORA, KernelPath.LORA_STACKED),
+    "lora_bmm": (AdapterKind.LORA, KernelPath.LORA_BMM),
     "lora_auto": (AdapterKind.LORA, None),
-    "ia3": (AdapterKind.IA3, Path.IA3),
+    "ia3": (AdapterKind.IA3, KernelPath.IA3),
 }
 
 
@@ -125,7 +125,7 @@ def run_cell(
     rng = random.Random(cell.tokens * 1000 + cell.adapters)
     batch = AdapterBatch.from_slots(token_slots(cell.tokens, cell.adapters, rng), device=device)
     x = torch.randn(cell.tokens, k, device=device, dtype=DTYPES[cell.dtype])
-    predicted: dict[Path, float] = {}
+    predicted: dict[KernelPath, float] = {}
     for kind in (AdapterKind.FLORA, AdapterKind.LORA):
         layer = layers[kind]
         model = dispatcher.cost_model(*SHAPES[cell.shape], device, DTYPES[cell.dtype])

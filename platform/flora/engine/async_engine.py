@@ -14,8 +14,11 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
+from adapter_format import ServingLimits
+from flora.engine.config import EngineConfig
 from flora.engine.engine import LLMEngine
 from flora.engine.request import Request, RequestOutput
+from flora.model import ModelArgs, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,29 @@ class AsyncEngine:
         ] = {}
         self._thread: threading.Thread | None = None
         self.steps = 0
-        engine.wake_callback = self._wake.set
+        engine.on_wake(self._wake.set)
+
+    # --- what the engine serves: fixed at start, so safe to read from any thread -------------
+
+    @property
+    def model_args(self) -> ModelArgs:
+        return self.engine.model.args
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def serving_limits(self) -> ServingLimits:
+        return self.engine.serving_limits
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
 
     def start(self) -> AsyncEngine:
         if self._thread is None:
@@ -101,8 +126,14 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         await asyncio.wrap_future(self.call(lambda: self._abort(request_id)))
 
-    async def invalidate_adapter(self, name: str) -> None:
-        await asyncio.wrap_future(self.call(lambda: self.engine.invalidate_adapter(name)))
+    def invalidate_adapter(self, name: str) -> Future[None]:
+        """Drop every cached copy of ``name`` between two steps; callable from any thread (the
+        registry's event thread does). Await ``asyncio.wrap_future`` of it to wait."""
+        return self.call(lambda: self.engine.invalidate_adapter(name))
+
+    async def routing_snapshot(self) -> dict[str, Any]:
+        """Resident adapters (``tenant/name@version``) and load, for a request router."""
+        return await asyncio.wrap_future(self.call(self.engine.routing_snapshot))
 
     async def stats(self) -> dict[str, int]:
         return await asyncio.wrap_future(self.call(self.engine.stats))

@@ -7,7 +7,7 @@ import pathlib
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from flora.adapters import AdapterKind, Path
+from flora.adapters import AdapterKind, KernelPath
 from flora.cache import cache_root
 from flora.model.config import ADAPTABLE_MODULES
 
@@ -37,7 +37,7 @@ class EngineConfig(BaseModel):
         ("c_attn",), description=f"Adapted linears, any of {ADAPTABLE_MODULES}."
     )
     adapter_kinds: frozenset[AdapterKind] = Field(frozenset(AdapterKind))
-    adapter_paths: dict[AdapterKind, Path] = Field(
+    adapter_paths: dict[AdapterKind, KernelPath] = Field(
         default_factory=dict, description="Force a path per kind (benchmarks); default: dispatcher."
     )
     max_adapter_magnitude: float = Field(

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -116,7 +117,7 @@ class LLMEngine:
         )
         self.sequences: dict[str, Sequence] = {}
         self.counters = StepCounters()
-        self.wake_callback = lambda: None
+        self._wake_callback: Callable[[], None] = lambda: None
         log.info(
             "engine ready: %s on %s %s, %d KV blocks × %d tokens (%.0f MiB), %d adapter slots",
             f"{args.num_parameters() / 1e6:.1f}M-param GPTBigCode",
@@ -146,8 +147,13 @@ class LLMEngine:
             adapter_source = LocalAdapterSource(adapters)
         return cls(model, tokenizer, config, adapter_source)
 
+    def on_wake(self, callback: Callable[[], None]) -> None:
+        """``callback`` runs (on a loader thread) when an adapter load finishes, so a loop that
+        sleeps while everything waits on loads can wake up."""
+        self._wake_callback = callback
+
     def _wake(self) -> None:
-        self.wake_callback()
+        self._wake_callback()
 
     def _load_servable(self, directory: Path) -> AdapterFile:
         """Runs on a loader thread: :meth:`_load_adapter_file`, then refuse an adapter whose
@@ -412,6 +418,12 @@ class LLMEngine:
         return self._delta(seq)
 
     # --- introspection ---------------------------------------------------------------------
+
+    def routing_snapshot(self) -> dict[str, Any]:
+        """Resident adapters (``tenant/name@version``) and load, for a request router."""
+        stats = self.stats()
+        resident = list(self.adapters.resident()) if self.adapters is not None else []
+        return {"resident": resident, "running": stats["running"], "waiting": stats["waiting"]}
 
     def stats(self) -> dict[str, int]:
         cache = self.adapters.stats if self.adapters else None

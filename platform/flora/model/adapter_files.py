@@ -1,7 +1,8 @@
 """Adapter directories in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 LoRA and IA3 are exactly what the real ``peft`` library saves; FLoRA uses ``peft_type: "FLORA"``
-with ``….flora_A.weight`` ``[r, in]`` and ``….flora_B.weight`` ``[out, r]`` (design.md §3).
+with ``….flora_A.weight`` ``[r, in]`` and ``….flora_B.weight`` ``[out, r]`` (docs/architecture.md,
+"The adapter file format").
 Reading never unpickles, and checks size, names, shapes, dtype and finiteness against the model
 before any tensor reaches a device.
 """
@@ -25,7 +26,6 @@ from adapter_format import (
     AdapterConfig,
     AdapterFormatError,
     AdapterLayout,
-    ModelShape,
     ServingLimits,
     check_adapter,
     short_target,
@@ -57,10 +57,6 @@ class AdapterFile:
             tensors = [w.scale] if isinstance(w, IA3Weights) else [w.A, w.B]
             total += sum(t.nbytes for t in tensors)
         return total
-
-
-def model_shape(args: ModelArgs, name: str = "this model") -> ModelShape:
-    return ModelShape(name, args.n_layer, args.n_embd, args.n_head, args.multi_query, args.inner)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -116,9 +112,7 @@ def load_adapter_dir(
 
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     try:
-        layout = check_adapter(
-            config, shapes, abs_max, model_shape(args), limits or ServingLimits()
-        )
+        layout = check_adapter(config, shapes, abs_max, args.shape, limits or ServingLimits())
     except AdapterFormatError as e:
         raise AdapterFileError(e.message) from None
     layers = _assemble(config, layout, tensors, args, dtype)
@@ -154,7 +148,7 @@ def _assemble(
 ) -> dict[str, AdapterWeights]:
     """The checked tensors as per-module weights in ``dtype``."""
     layers: dict[str, AdapterWeights] = {}
-    shape = model_shape(args)
+    shape = args.shape
     for module, params in layout.tensors.items():
         n_in, n_out = shape.module_shape(module.split(".", 3)[3])
 

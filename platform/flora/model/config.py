@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adapter_format import MODULES, STARCODER, ModelShape
 from flora.model.errors import CheckpointError
 
 # Linear layers an adapter may target, by the suffix HF/PEFT use for them.
@@ -49,10 +50,18 @@ class ModelArgs(BaseModel):
     def inner(self) -> int:
         return self.n_inner or 4 * self.n_embd
 
+    @property
+    def shape(self) -> ModelShape:
+        """The adapter format's view: each adaptable linear's ``(in, out)``."""
+        return ModelShape(
+            "this model", self.n_layer, self.n_embd, self.n_head, self.multi_query, self.n_inner
+        )
+
     def num_parameters(self) -> int:
         """Parameters with a tied ``lm_head`` (counted once)."""
-        e, i, kv = self.n_embd, self.inner, 2 * self.kv_heads * self.head_dim
-        block = (e * (e + kv) + e + kv) + (e * e + e) + (e * i + i) + (i * e + e) + 4 * e
+        e = self.n_embd
+        linears = (self.shape.module_shape(m) for m in MODULES)  # weights and biases
+        block = sum(n_in * n_out + n_out for n_in, n_out in linears) + 4 * e  # + 2 layer norms
         return self.vocab_size * e + self.n_positions * e + self.n_layer * block + 2 * e
 
     @classmethod
@@ -99,12 +108,22 @@ class ModelArgs(BaseModel):
         }
 
 
+def _shape_of(shape: ModelShape) -> dict[str, Any]:
+    return {"n_embd": shape.n_embd, "n_layer": shape.n_layer, "n_head": shape.n_head,
+            "n_inner": shape.n_inner}  # fmt: skip
+
+
 # Real StarCoder shapes (for random-weight benchmarks) and a tiny one for tests and the demo.
 PRESETS: dict[str, dict[str, Any]] = {
-    "starcoderbase-1b": {"n_embd": 2048, "n_layer": 24, "n_head": 16, "n_inner": 8192},
-    "starcoderbase-3b": {"n_embd": 2816, "n_layer": 36, "n_head": 22, "n_inner": 11264},
-    "starcoderbase-7b": {"n_embd": 4096, "n_layer": 42, "n_head": 32, "n_inner": 16384},
-    "starcoder-15b": {"n_embd": 6144, "n_layer": 40, "n_head": 48, "n_inner": 24576},
+    **{
+        preset: _shape_of(STARCODER[hf_id])
+        for preset, hf_id in (
+            ("starcoderbase-1b", "bigcode/starcoderbase-1b"),
+            ("starcoderbase-3b", "bigcode/starcoderbase-3b"),
+            ("starcoderbase-7b", "bigcode/starcoderbase-7b"),
+            ("starcoder-15b", "bigcode/starcoder"),
+        )
+    },
     "tiny": {
         "vocab_size": 4096,
         "n_positions": 1024,

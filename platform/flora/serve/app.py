@@ -40,15 +40,15 @@ log = logging.getLogger("ray.serve")
 class StarCoderReplica:
     def __init__(self, args: dict[str, Any]):
         self.core = ReplicaCore(ServeArgs.model_validate(args))
-        engine = self.core.engine.engine
+        config = self.core.engine.config
         log.info(
             "StarCoderReplica: serving %s from %s on %s (%s), context %d, %d adapter slots",
             self.core.args.served_name,
             self.core.model_dir,
-            engine.device,
-            engine.dtype,
+            config.device,
+            config.torch_dtype,
             self.core.max_model_len,
-            engine.config.adapter_slots,
+            config.adapter_slots,
         )
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:

@@ -41,7 +41,6 @@ from adapter_registry import (
     NotFound,
     Principal,
     Registry,
-    RegistryError,
     Unavailable,
 )
 from adapter_registry.api import (
@@ -56,6 +55,7 @@ from adapter_registry.errors import error_json
 from adapter_registry.names import InvalidVersion, check_optional
 from flora.engine import SamplingParams
 from flora.serve.config import ServeArgs
+from flora.serve.errors import InvalidRequest
 from flora.serve.health import ReplicaHealth
 from flora.serve.limits import TenantLimiter, TooManyRequests
 from flora.serve.metrics import ServeMetrics
@@ -116,7 +116,7 @@ class Generation:
         except Exception as e:  # no replica has come up (yet)
             raise Unavailable(f"the model is not ready yet ({type(e).__name__}); retry") from e
         if body.max_tokens is not None and body.max_tokens >= info["max_model_len"]:
-            raise RegistryError(
+            raise InvalidRequest(
                 f"max_tokens {body.max_tokens} is over this model's context "
                 f"({info['max_model_len']} tokens)",
                 param="max_tokens",
@@ -279,7 +279,7 @@ class Generation:
         try:
             record = await call(registry.get, principal, name)
         except InvalidVersion as e:  # "x@²": a malformed request, not a model that may exist
-            raise RegistryError(e.message, param="model") from e
+            raise InvalidRequest(e.message, param="model") from e
         except (NotFound, InvalidName) as e:
             raise NotFound(
                 f"the model {model!r} does not exist; GET /v1/models lists what you can use",

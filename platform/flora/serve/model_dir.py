@@ -16,7 +16,7 @@ def prepare_model(model: str) -> Path:
     """A local checkpoint directory for ``model``; builds the tiny model once if asked for it."""
     if model != TINY:
         return resolve_model_dir(model)
-    from flora.train.tiny_model import ensure_tiny_model
+    from flora.model.tiny import ensure_tiny_model
 
     target = cache_root() / "models" / TINY
     log.info("tiny StarCoder-architecture model: %s (built on first start)", target)

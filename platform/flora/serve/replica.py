@@ -52,7 +52,7 @@ class _OnEngineThread:
 
     def invalidate_adapter(self, name: str) -> None:
         if self.engine.running:
-            self.engine.call(lambda: self.engine.engine.invalidate_adapter(name))
+            self.engine.invalidate_adapter(name)
 
 
 class ReplicaCore:
@@ -86,13 +86,13 @@ class ReplicaCore:
     def model_info(self) -> dict[str, Any]:
         """What the ingress needs: the name, the HF config (adapter shapes), the context and the
         adapter limits."""
-        args: ModelArgs = self.engine.engine.model.args
+        args: ModelArgs = self.engine.model_args
         return {
             "name": self.args.served_name,
             "config": args.to_hf_config(),
             "max_model_len": self.max_model_len,
             # what the engine can load: the registry refuses the rest at upload
-            "limits": self.engine.engine.serving_limits.model_dump(mode="json"),
+            "limits": self.engine.serving_limits.model_dump(mode="json"),
         }
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
@@ -157,7 +157,7 @@ class ReplicaCore:
 
     def _logprob(self, lp: EngineLogprob) -> TokenLogprob:
         """A token's log-probability with text, as OpenAI's responses show it."""
-        text = self.engine.engine.tokenizer.decode
+        text = self.engine.tokenizer.decode
         return TokenLogprob(
             token=text([lp.token_id]),
             logprob=lp.logprob,
@@ -172,13 +172,7 @@ class ReplicaCore:
 
     async def routing_stats(self) -> dict[str, Any]:
         """For the request router: resident adapters (``tenant/name@version``) and load."""
-        return await asyncio.wrap_future(self.engine.call(self._routing_snapshot))
-
-    def _routing_snapshot(self) -> dict[str, Any]:  # on the engine thread
-        engine = self.engine.engine
-        stats = engine.stats()
-        resident = list(engine.adapters.resident()) if engine.adapters is not None else []
-        return {"resident": resident, "running": stats["running"], "waiting": stats["waiting"]}
+        return await self.engine.routing_snapshot()
 
     def shutdown(self) -> None:
         self.subscription.close()

@@ -4,9 +4,9 @@ The serving stack needs a real checkpoint and tokenizer to test against when no 
 reachable; per-language corpora also feed adapter fine-tuning.
 """
 
-from flora.train.corpus import LANGUAGES, available_languages, collect, split_holdout
-from flora.train.tiny_model import TinyModelOptions, ensure_tiny_model, make_tiny_model
-from flora.train.tokenizer_training import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from flora.model.tiny.bpe import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from flora.model.tiny.build import TinyModelOptions, ensure_tiny_model, make_tiny_model
+from flora.model.tiny.corpus import LANGUAGES, available_languages, collect, split_holdout
 
 __all__ = [
     "LANGUAGES",

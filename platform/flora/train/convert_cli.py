@@ -75,8 +75,8 @@ def corpus_windows(
     calibration, or spread evenly over the held-out side (at most ``n``), for scoring."""
     import torch
 
+    from flora.model.tiny.build import random_windows
     from flora.train.datasets import heldout_windows
-    from flora.train.tiny_model import random_windows
 
     if held_out:
         return heldout_windows(data.held_out, seq_len, n)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from flora.model.tiny.build import token_stream
+from flora.model.tiny.corpus import LANGUAGES, collect, read_source, split_holdout
 from flora.model.tokenizer import Tokenizer
-from flora.train.corpus import LANGUAGES, collect, read_source, split_holdout
-from flora.train.tiny_model import token_stream
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def load_texts(
 ) -> dict[str, list[str]]:
     """Texts per language from ``source``.
 
-    - ``None``: source files found on this machine (:func:`flora.train.corpus.collect`);
+    - ``None``: source files found on this machine (:func:`flora.model.tiny.corpus.collect`);
     - a folder: files under it whose names match each language's patterns (``*.pl``, ``*.tcl``…);
     - a ``.jsonl`` file: one ``{"text": ..., "language": ...}`` object per line.
     """

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from flora.model.adapter_files import save_adapter_dir
 from flora.model.model import GPTBigCode
+from flora.model.tiny.build import random_windows
 from flora.train.adapter_training import PAPER_LR, AdapterTrainer, TrainConfig, adapter_seed
 from flora.train.datasets import LanguageData, heldout_windows
 from flora.train.evaluation import Job, mean_losses
-from flora.train.tiny_model import random_windows
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.jsonl"

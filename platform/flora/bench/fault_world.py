@@ -1,6 +1,6 @@
-"""The world the fault scenarios (``faults.py``) run in: ``serve run`` on a persistent
-redis-server and an S3-compatible server (moto), each a subprocess that can be killed and
-restarted; what one scenario measures (:class:`FaultResult`); the helpers they share."""
+"""The world the fault scenarios (:mod:`flora.bench.faults`) run in: ``serve run`` on a
+persistent redis-server and an S3-compatible server (moto), each a subprocess that can be killed
+and restarted; what one scenario measures (:class:`FaultResult`); the helpers they share."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import httpx
 
 from flora.bench.load import LoadRun, LoadWorkload, Outcome, Sample
 from flora.bench.load_setup import LoadSetup, prepare
+from flora.bench.processes import RedisServer, S3Server
 from flora.bench.replica_state import read_states, wait_idle
 from flora.bench.serve import Deployment
-from tests.e2e.conftest import ADMIN_KEY, ServeRun
-from tests.servers import RedisServer, S3Server
+from flora.bench.serve_run import ServeRun
 
 BUCKET = "flora-faults"
 GRACEFUL = {Outcome.COMPLETE, Outcome.REJECTED}
@@ -78,9 +78,16 @@ class World:
 
 
 @contextmanager
-def world(workdir: Path, cache_dir: Path, tenants: int = 8) -> Iterator[World]:
+def world(
+    workdir: Path,
+    cache_dir: Path,
+    tenants: int = 8,
+    *,
+    config: Path,
+    cwd: Path | None = None,
+) -> Iterator[World]:
     """redis (append-only, fsync always: a restart keeps tenants and adapters) + moto S3 +
-    ``serve run deployments/starcoder.yaml`` on them; tenants with mixed adapters, warmed."""
+    ``serve run <config>`` (in ``cwd``) on them; tenants with mixed adapters, warmed."""
     with ExitStack() as stack:
         redis = RedisServer(workdir / "redis", persistent=True).start()
         stack.callback(redis.stop)
@@ -94,13 +101,13 @@ def world(workdir: Path, cache_dir: Path, tenants: int = 8) -> Iterator[World]:
             "FLORA_REDIS_URL": redis.url,
             "FLORA_STORE_URL": f"s3://{BUCKET}/adapters",
         }
-        serve = ServeRun(workdir, cache_dir, extra_env=env)
-        w = World(serve, redis, s3, None, workdir)  # type: ignore[arg-type]
+        run = ServeRun(workdir, cache_dir, config, extra_env=env, cwd=cwd)
+        w = World(run, redis, s3, None, workdir)  # type: ignore[arg-type]
         w.create_bucket()
-        serve.start()
-        stack.callback(serve.stop)
-        deployment = Deployment(serve.url, ADMIN_KEY)
-        w.setup = prepare(deployment, tenants, serve.model_dir, Path("unused"))
+        run.start()
+        stack.callback(run.stop)
+        deployment = Deployment(run.url, run.admin_key)
+        w.setup = prepare(deployment, tenants, run.model_dir, Path("unused"))
         yield w
 
 

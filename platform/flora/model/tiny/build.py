@@ -1,8 +1,9 @@
 """Build a small StarCoder-architecture model and tokenizer from code on this machine, offline.
 
 Serving tests and the demo need a checkpoint that both our loader and transformers read, with a
-real tokenizer, and no network to fetch one. :func:`make_tiny_model` collects source code
-(:mod:`flora.train.corpus`), trains a byte-level BPE, initialises a :class:`GPTBigCode` from a
+real tokenizer, and no network to fetch one; ``serve`` builds it on first start when asked for
+``model: tiny``. :func:`make_tiny_model` collects source code (:mod:`flora.model.tiny.corpus`),
+trains a byte-level BPE (:mod:`flora.model.tiny.bpe`), initialises a :class:`GPTBigCode` from a
 preset and, if asked, pre-trains it for a time budget on random windows of the corpus:
 
     loss = mean_t CE(logits[t], x[t+1]),  lr(t) = lr · warmup(t) · (0.1 + 0.45 · (1 + cos(π t / T)))
@@ -31,9 +32,9 @@ from flora import __version__
 from flora.model.checkpoint import save_model
 from flora.model.config import PRESETS, ModelArgs
 from flora.model.model import GPTBigCode
+from flora.model.tiny.bpe import EOS_TOKEN, save_tokenizer, train_tokenizer
+from flora.model.tiny.corpus import collect, corpus_stats, split_holdout
 from flora.model.tokenizer import Tokenizer
-from flora.train.corpus import collect, corpus_stats, split_holdout
-from flora.train.tokenizer_training import EOS_TOKEN, save_tokenizer, train_tokenizer
 
 RECORD = "flora_model.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", RECORD)
