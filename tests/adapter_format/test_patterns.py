@@ -2,9 +2,9 @@
 patterns RE2 cannot run in linear time are refused with the reason, and ordinary PEFT keys
 match exactly as Python's ``re`` (and so PEFT) matches them.
 
-Measured on this machine with the previous checks (Python ``re``, which those keys passed), one
-``fullmatch`` against ``transformer.h.0.attn.c_attn`` took: ``.{0,9}`` × 12 then ``X`` 20.2 s;
-``[^X]{0,9}`` × 12 then ``X`` 22.2 s; ``\\w{0,5}\\.?`` × 14 then ``X`` 8.0 s (about ×4 per group).
+With the previous checks (Python ``re``, which these keys passed) one ``fullmatch`` against
+``transformer.h.0.attn.c_attn`` took 20.6 s for ``.{0,9}`` × 12 then ``X``, about ×4 per group
+(``scripts/regex_timing.py``; docs/benchmarks/logs/regex-timing.md).
 """
 
 from __future__ import annotations
