@@ -8,6 +8,7 @@ from adapter_format.config import (
     MAX_RANK,
     WEIGHTS_FILE,
     AdapterConfig,
+    config_json,
 )
 from adapter_format.errors import AdapterFormatError
 from adapter_format.kinds import AdapterKind
@@ -40,6 +41,7 @@ __all__ = [
     "check_adapter",
     "check_magnitude",
     "compile_pattern",
+    "config_json",
     "effect_bound",
     "short_target",
 ]

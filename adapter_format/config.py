@@ -45,21 +45,9 @@ class AdapterConfig:
     target_modules: tuple[str, ...] | str
     feedforward_modules: tuple[str, ...] | str
 
-    @staticmethod
-    def check_size(data: bytes) -> None:
-        if len(data) > MAX_CONFIG_BYTES:
-            raise AdapterFormatError(
-                f"{CONFIG_FILE} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}"
-            )
-
     @classmethod
     def parse(cls, data: bytes) -> AdapterConfig:
-        cls.check_size(data)
-        try:
-            config = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
-        return cls.from_dict(config)
+        return cls.from_dict(config_json(data))
 
     @classmethod
     def from_dict(cls, config: object) -> AdapterConfig:
@@ -118,6 +106,21 @@ class AdapterConfig:
         if isinstance(ff, str):
             return matches_whole(ff, module, "feedforward_modules")
         return any(module.endswith(t) for t in ff)
+
+
+def config_json(data: bytes) -> dict[str, Any]:
+    """The raw ``adapter_config.json`` object: size, UTF-8, JSON and object checked."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(
+            f"{CONFIG_FILE} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}"
+        )
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
+    return config
 
 
 def _kind(config: dict[str, Any]) -> AdapterKind:

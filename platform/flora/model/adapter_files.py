@@ -28,6 +28,7 @@ from adapter_format import (
     AdapterLayout,
     ServingLimits,
     check_adapter,
+    config_json,
     short_target,
 )
 from flora.adapters import AdapterKind, FloraWeights, IA3Weights, InvalidAdapterError, LoraWeights
@@ -64,17 +65,10 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     file = Path(directory) / CONFIG_FILE
     if not file.is_file():
         raise AdapterFileError(f"{file} not found")
-    data = file.read_bytes()
     try:
-        AdapterConfig.check_size(data)
-        config = json.loads(data.decode("utf-8"))
+        return config_json(file.read_bytes())
     except AdapterFormatError as e:
         raise AdapterFileError(e.message) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise AdapterFileError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise AdapterFileError(f"{file} must hold a JSON object")
-    return config
 
 
 def load_adapter_dir(
