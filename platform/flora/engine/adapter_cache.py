@@ -93,7 +93,14 @@ class AdapterCache:
         if slot is None:
             return None  # every slot is busy: wait for a running request to finish
         self.stats.host_hits += 1
-        self.install(slot, adapter)
+        try:
+            self.install(slot, adapter)
+        except Exception as e:  # refused by the bank: the slot goes back, the request fails
+            self._drop_slot(slot)
+            with self._lock:
+                self._host.pop(ref, None)
+                self.stats.failures += 1
+            raise AdapterLoadError(f"adapter {ref.name!r} cannot be served: {e}") from e
         self._ref_in[slot], self._slot_of[ref] = ref, slot
         self._use(slot)
         return slot

@@ -23,7 +23,7 @@ from adapter_format import ServingLimits
 from flora.adapters import AdapterBatch, BankConfig, Dispatcher, MaterialisedCache
 from flora.adapters.bank import fits
 from flora.adapters.errors import InvalidAdapterError
-from flora.engine.adapter_cache import AdapterCache, AdapterLoadError
+from flora.engine.adapter_cache import AdapterCache
 from flora.engine.adapter_source import AdapterSource, LocalAdapterSource, UnknownAdapterError
 from flora.engine.blocks import BlockAllocator
 from flora.engine.config import EngineConfig
@@ -169,13 +169,13 @@ class LLMEngine:
         return adapter
 
     def _install(self, slot: int, adapter: AdapterFile) -> None:
-        """Write an adapter into every layer's ``slot``; a bank refusal empties the slot and
-        reaches the scheduler as a load failure (the request fails, not the engine)."""
+        """Write an adapter into every layer's ``slot``; a bank refusal empties the slot of
+        every layer (the cache then frees it and fails the request, not the engine)."""
         try:
             self.model.load_adapter(slot, adapter.layers)
-        except InvalidAdapterError as e:
+        except InvalidAdapterError:
             self.model.evict_adapter(slot)
-            raise AdapterLoadError(f"the adapter cannot be served: {e}") from e
+            raise
 
     @property
     def serving_limits(self) -> ServingLimits:
