@@ -64,9 +64,12 @@ class RequestCounter:
         status: int | None = None
         client_gone = False
 
+        def tenant() -> str | None:  # set by the auth dependency once it authenticated
+            who = state.get("tenant")
+            return who if isinstance(who, str) else None
+
         def count(sent: int) -> None:
-            tenant = state.get("tenant")
-            self.metrics.request_done(tenant if isinstance(tenant, str) else None, endpoint, sent)
+            self.metrics.request_done(tenant(), endpoint, sent)
 
         async def counted(message: Message) -> None:
             nonlocal status, client_gone
@@ -89,8 +92,5 @@ class RequestCounter:
             if status is None:
                 count(500)
             elif not client_gone:
-                tenant = state.get("tenant")
-                self.metrics.stream_error(
-                    tenant if isinstance(tenant, str) else None, "internal_error"
-                )
+                self.metrics.stream_error(tenant(), "internal_error")
             raise
