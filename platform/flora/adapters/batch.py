@@ -72,6 +72,16 @@ class AdapterBatch:
             order=order,
         )
 
+    def on_device(self, token_slots: torch.Tensor, order: torch.Tensor) -> AdapterBatch:
+        """This host-built batch with its index tensors swapped for their device copies.
+
+        What every layer reads on the host (sortedness, segments, runs) is derived here, before
+        the move, so no layer waits on the device to learn it.
+        """
+        moved = AdapterBatch(token_slots, self.slots, self.counts, order)
+        moved.__dict__.update(is_sorted=self.is_sorted, offsets=self.offsets, runs=self.runs)
+        return moved
+
     @property
     def num_tokens(self) -> int:
         return self.token_slots.shape[0]

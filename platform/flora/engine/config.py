@@ -5,9 +5,10 @@ from __future__ import annotations
 import pathlib
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flora.adapters import AdapterKind, KernelPath
+from flora.adapters.dispatch import check_path
 from flora.cache import cache_root
 from flora.model.config import ADAPTABLE_MODULES
 
@@ -59,3 +60,11 @@ class EngineConfig(BaseModel):
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {[*DTYPES, 'auto']}")
         return DTYPES[self.dtype]
+
+    @model_validator(mode="after")
+    def _forced_paths_run_here(self) -> EngineConfig:
+        """A forced path must compute its kind and run on ``device`` (a Triton path needs CUDA,
+        or the interpreter on CPU), so a wrong choice fails here rather than on the first batch."""
+        for kind, path in self.adapter_paths.items():
+            check_path(kind, path, torch.device(self.device))
+        return self

@@ -34,6 +34,7 @@ from flora.engine.scheduler import Scheduler, SchedulerOutput
 from flora.engine.sequence import Sequence, Status
 from flora.model import (
     AdapterFile,
+    AttentionInputs,
     AttentionMetadata,
     Chunk,
     GPTBigCode,
@@ -43,6 +44,7 @@ from flora.model import (
     load_adapter_dir,
     load_model,
 )
+from flora.model.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +321,7 @@ class LLMEngine:
     def _forward(self, plan: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[N, V]`` of the sampled rows, and per chunk ``[C]`` a count of its rows
         (every final hidden state, and its logits) that went non-finite; both on the device."""
-        self.kv.scrub(self.allocator.take_freed())  # before anything writes into them
+        freed = self.allocator.take_freed()  # scrubbed before anything writes into them
         ids: list[int] = []
         positions: list[int] = []
         owners: list[int] = []  # chunk index of each token
@@ -338,21 +340,24 @@ class LLMEngine:
             if c.samples:
                 logit_rows.append(start + c.length - 1)
                 logit_owners.append(i)
-        args = self.model.args
-        meta = AttentionMetadata.build(
-            chunks,
-            self.allocator.block_size,
-            args.n_head // args.kv_heads,
-            self.device,
-            null_block=self.kv.null_block,
-        )
+        attention = AttentionInputs.of(chunks, self.allocator.block_size, self.kv.null_block)
+        host = [torch.tensor([ids, positions, owners]), torch.tensor([logit_rows, logit_owners])]
+        host.append(torch.tensor(freed, dtype=torch.long))
         batch = None  # a step without adapters runs the plain model: no adapter overhead
         if self.model.adapter_targets and any(s >= 0 for s in slots):
-            batch = AdapterBatch.from_slots(slots, device=self.device)
+            batch = AdapterBatch.from_slots(slots)
+            host += [batch.token_slots, batch.order]
         dev = self.device
         with torch.inference_mode():
-            packed = torch.tensor([ids, positions, owners], device=dev)  # [3, T]: one copy
-            logit_index = torch.tensor([logit_rows, logit_owners], dtype=torch.long, device=dev)
+            moved = to_device(host + attention.tensors(), dev)  # the step's one copy in
+            packed, logit_index = moved[0], moved[1]  # [3, T], [2, N]
+            self.kv.scrub(freed, moved[2])
+            if batch is not None:
+                batch = batch.on_device(moved[3], moved[4])
+            args = self.model.args
+            meta = AttentionMetadata.expand(
+                attention.with_tensors(moved[len(host) :]), args.n_head // args.kv_heads
+            )
             h = self.model.hidden_step(packed[0], packed[1], meta, self.kv, batch)  # [T, E]
             logits = self.model.head(h[logit_index[0]])  # [N, V]
             nonfinite = torch.zeros(len(chunks), dtype=torch.int32, device=dev)

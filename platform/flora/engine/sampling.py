@@ -47,12 +47,11 @@ def sample(
     greedy: Sequence[int] | None = None,
 ) -> list[int]:
     """One token per row; ``greedy`` is each row's argmax when :func:`fetch` already has it."""
-    logits = logits.float()
     tokens = list(greedy) if greedy is not None else logits.argmax(-1).tolist()
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        probs = _filter(logits[i], p).softmax(-1)
+        probs = _filter(logits[i].float(), p).softmax(-1)
         # Exponential race (≡ multinomial): one draw per vocabulary entry from the row's own stream.
         noise = torch.empty_like(probs).exponential_(generator=generators[i])
         tokens[i] = int((probs / noise).argmax())

@@ -14,10 +14,12 @@ masked row must hold finite values whatever another sequence left in the pool.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+
+from flora.model.transfer import to_device
 
 
 class KVCache:
@@ -57,18 +59,20 @@ class KVCache:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data[index, 0], self.data[index, 1]
 
-    def scrub(self, blocks: Sequence[int]) -> None:
+    def scrub(self, blocks: Sequence[int], index: torch.Tensor | None = None) -> None:
         """Zero these blocks in every layer, keys and values (one indexed fill).
 
         Freed blocks are scrubbed before reuse, so nothing a sequence wrote outlives it.
+        ``index`` is ``blocks`` already on the device, when it travelled with other inputs.
         """
         if not blocks:
             return
         if self.null_block in blocks:
             raise ValueError("the null block is never allocated, so never freed")
+        if index is None:
+            index = torch.tensor(list(blocks), dtype=torch.long, device=self.data.device)
         n_layer, _, _, kv_heads, head_dim = self.data.shape
         per_block = (n_layer, 2, self.num_blocks + 1, self.block_size, kv_heads, head_dim)
-        index = torch.tensor(list(blocks), dtype=torch.long, device=self.data.device)
         self.data.view(per_block).index_fill_(2, index, 0)
 
 
@@ -86,22 +90,133 @@ class Chunk:
         return self.context + self.length
 
 
+@dataclass(frozen=True)
+class AttentionInputs:
+    """The step's attention as a few integer tensors: built on the host, sent with the step's
+    other inputs in one copy (:func:`flora.model.transfer.to_device`), expanded on the device.
+
+    Tables are padded with the null block. Decodes (length 1) come first, then prefill chunks.
+    """
+
+    block_size: int
+    null_block: int
+    max_decode_keys: int  # longest decode context (keys), 0 without decodes
+    max_prefill_queries: int  # longest prefill chunk, 0 without prefills
+    max_prefill_keys: int
+    slot_mapping: torch.Tensor  # [T] flat pool row of each new token
+    decode_tables: torch.Tensor  # [D, Wd]
+    decode_totals: torch.Tensor  # [D]
+    prefill_tables: torch.Tensor  # [P, Wp]
+    prefill_starts: torch.Tensor  # [P] first token of each chunk among the prefill tokens
+    prefill_contexts: torch.Tensor  # [P]
+    prefill_lengths: torch.Tensor  # [P]
+    prefill_outputs: torch.Tensor  # [T - D] each prefill token's row in the padded output
+
+    TENSORS = (
+        "slot_mapping",
+        "decode_tables",
+        "decode_totals",
+        "prefill_tables",
+        "prefill_starts",
+        "prefill_contexts",
+        "prefill_lengths",
+        "prefill_outputs",
+    )
+
+    @classmethod
+    def of(cls, chunks: Sequence[Chunk], block_size: int, null_block: int) -> AttentionInputs:
+        """Validate the packing (decodes first, back to back) and lay out the integers."""
+        num_decode = 0
+        while num_decode < len(chunks) and chunks[num_decode].length == 1:
+            num_decode += 1
+        if any(c.length == 1 for c in chunks[num_decode:]):
+            raise ValueError("decode chunks (length 1) must come before prefill chunks")
+        start = 0
+        for c in chunks:
+            if c.start != start:
+                raise ValueError("chunks must be packed back to back in order")
+            if len(c.blocks) * block_size < c.total:
+                raise ValueError(f"a chunk of {c.total} tokens has only {len(c.blocks)} blocks")
+            start += c.length
+        decodes, prefills = chunks[:num_decode], chunks[num_decode:]
+        mapping = [_rows(c.blocks, block_size, c.context, c.total) for c in chunks]
+        lengths = torch.tensor([c.length for c in prefills], dtype=torch.long)
+        longest = max((c.length for c in prefills), default=0)
+        starts = torch.tensor([c.start - num_decode for c in prefills], dtype=torch.long)
+        offsets = torch.arange(int(lengths.sum())) - starts.repeat_interleave(lengths)
+        padded = torch.arange(len(prefills)).repeat_interleave(lengths) * longest + offsets
+        return cls(
+            block_size=block_size,
+            null_block=null_block,
+            max_decode_keys=max((c.total for c in decodes), default=0),
+            max_prefill_queries=longest,
+            max_prefill_keys=max((c.total for c in prefills), default=0),
+            slot_mapping=torch.cat(mapping) if mapping else torch.zeros(0, dtype=torch.long),
+            decode_tables=_padded_tables(decodes, null_block),
+            decode_totals=torch.tensor([c.total for c in decodes], dtype=torch.long),
+            prefill_tables=_padded_tables(prefills, null_block),
+            prefill_starts=starts,
+            prefill_contexts=torch.tensor([c.context for c in prefills], dtype=torch.long),
+            prefill_lengths=lengths,
+            prefill_outputs=padded,
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.TENSORS]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> AttentionInputs:
+        """The same inputs with its tensors replaced (by their device copies)."""
+        return replace(self, **dict(zip(self.TENSORS, tensors, strict=True)))
+
+
+def _padded_tables(chunks: Sequence[Chunk], null_block: int) -> torch.Tensor:
+    width = max((len(c.blocks) for c in chunks), default=0)
+    rows = [c.blocks + (null_block,) * (width - len(c.blocks)) for c in chunks]
+    return torch.tensor(rows, dtype=torch.long).view(len(chunks), width)
+
+
+def _rows(blocks: Sequence[int], block_size: int, begin: int, end: int) -> torch.Tensor:
+    """Flat pool rows of token positions ``[begin, end)`` of a sequence with these blocks."""
+    pos = torch.arange(begin, end)
+    table = torch.as_tensor(blocks, dtype=torch.long)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+@dataclass
+class PaddedGroup:
+    """Chunks attended in one call: queries padded to ``queries`` rows, keys to ``keys``.
+
+    ``key_rows`` are pool rows (past a chunk's end: the null block's, zeros); ``visible`` says
+    which key each query row sees. Padded query rows repeat the chunk's last query, so they see
+    real keys and stay finite; their outputs are dropped.
+    """
+
+    key_rows: torch.Tensor  # [C, K]
+    visible: torch.Tensor  # [C, 1, Q · G, K] (decodes: [C, 1, 1, K], broadcast over G)
+    query_rows: torch.Tensor | None  # [C, Q] token rows (None for decodes: row c, Q = 1)
+    output_rows: torch.Tensor | None  # [n] row of each real query in the padded [C · Q]
+    _bias: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask (0 or -inf) in the queries' dtype, built once per step."""
+        if dtype not in self._bias:
+            zero = torch.zeros(self.visible.shape, dtype=dtype, device=self.visible.device)
+            self._bias[dtype] = zero.masked_fill_(~self.visible, float("-inf"))
+        return self._bias[dtype]
+
+
 @dataclass
 class AttentionMetadata:
     """Everything attention needs for one step, built once and shared by all layers.
 
-    Chunks of length 1 (decodes) come first and are attended in one batched call; each longer
-    chunk (a prefill, possibly after an earlier chunk of the same prompt) is attended alone.
+    Two attention calls per layer whatever the batch: one for every decode, one for every
+    prefill chunk (padded to the longest), no Python loop over sequences.
     """
 
-    chunks: tuple[Chunk, ...]
-    block_size: int
-    slot_mapping: torch.Tensor  # [T] flat pool row of each new token
+    slot_mapping: torch.Tensor  # [T]
     num_decode: int
-    decode_rows: torch.Tensor | None  # [D, Lmax] pool rows of every decode's keys (null if masked)
-    decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] True where a key is visible
-    prefill_rows: tuple[torch.Tensor | None, ...]  # per prefill chunk; None: keys are all new
-    prefill_masks: tuple[torch.Tensor, ...]  # per prefill chunk, [G · len, total]
+    decode: PaddedGroup | None
+    prefill: PaddedGroup | None
 
     @classmethod
     def build(
@@ -115,74 +230,49 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """``group`` is query heads per key head (n_head for multi-query, 1 for multi-head).
 
-        ``null_block`` (:attr:`KVCache.null_block`) is what every masked decode position reads;
+        ``null_block`` (:attr:`KVCache.null_block`) is what every masked position reads;
         without one (tests of the plain maths) they read block 0.
         """
-        chunks = tuple(chunks)
-        num_decode = 0
-        while num_decode < len(chunks) and chunks[num_decode].length == 1:
-            num_decode += 1
-        if any(c.length == 1 for c in chunks[num_decode:]):
-            raise ValueError("decode chunks (length 1) must come before prefill chunks")
-        if any(c.start != sum(p.length for p in chunks[:i]) for i, c in enumerate(chunks)):
-            raise ValueError("chunks must be packed back to back in order")
-        decode_rows = decode_mask = None
-        mappings = []
-        if num_decode:  # one padded block table for all decodes: a few tensor ops, no loop
-            decodes = chunks[:num_decode]
-            pad = 0 if null_block is None else null_block
-            width = max(len(c.blocks) for c in decodes)
-            table = torch.tensor([c.blocks + (pad,) * (width - len(c.blocks)) for c in decodes])
-            totals = torch.tensor([c.total for c in decodes])
-            pos = torch.arange(int(totals.max()))
-            visible = pos[None, :] < totals[:, None]  # [D, Lmax]
-            rows = table[:, pos // block_size] * block_size + pos % block_size  # [D, Lmax]
-            if null_block is not None:  # masked keys and values read zeros, never stale rows
-                rows = torch.where(visible, rows, null_block * block_size + pos % block_size)
-            mappings.append(rows[torch.arange(num_decode), totals - 1])
-            decode_rows = rows.to(device)
-            decode_mask = visible[:, None, None, :].to(device)
-        mappings += [_rows(c.blocks, block_size, c.context, c.total) for c in chunks[num_decode:]]
-        slot_mapping = torch.cat(mappings).to(device)
-        prefill_rows, prefill_masks = [], []
-        # A prefill reads positions [0, total) only, all its own and written by now: the keys
-        # beyond a query's causal frontier are the chunk's own new ones, never another's.
-        for c in chunks[num_decode:]:
-            rows = _rows(c.blocks, block_size, 0, c.total).to(device) if c.context else None
-            prefill_rows.append(rows)
-            query_pos = torch.arange(c.context, c.total).repeat_interleave(group)
-            mask = torch.arange(c.total)[None, :] <= query_pos[:, None]  # [G · len, total]
-            prefill_masks.append(mask.to(device))
-        return cls(
-            chunks=chunks,
-            block_size=block_size,
-            slot_mapping=slot_mapping,
-            num_decode=num_decode,
-            decode_rows=decode_rows,
-            decode_mask=decode_mask,
-            prefill_rows=tuple(prefill_rows),
-            prefill_masks=tuple(prefill_masks),
-        )
+        inputs = AttentionInputs.of(tuple(chunks), block_size, null_block or 0)
+        return cls.expand(inputs.with_tensors(to_device(inputs.tensors(), device)), group)
+
+    @classmethod
+    def expand(cls, inputs: AttentionInputs, group: int) -> AttentionMetadata:
+        """Row indices and masks from the (device) inputs: a few tensor ops per step."""
+        decode = prefill = None
+        num_decode = inputs.decode_totals.shape[0]
+        if num_decode:
+            keys = _arange(inputs.max_decode_keys, inputs.decode_tables)
+            visible = keys[None, :] < inputs.decode_totals[:, None]  # [D, K]
+            rows = _pool_rows(inputs, inputs.decode_tables, keys, visible)
+            decode = PaddedGroup(rows, visible[:, None, None, :], None, None)
+        if inputs.prefill_lengths.shape[0]:
+            tables, lengths = inputs.prefill_tables, inputs.prefill_lengths
+            keys = _arange(inputs.max_prefill_keys, tables)
+            last = (lengths - 1)[:, None]
+            offset = torch.minimum(_arange(inputs.max_prefill_queries, tables), last)
+            query_pos = inputs.prefill_contexts[:, None] + offset  # [P, Q]
+            visible = keys[None, None, :] <= query_pos[:, :, None]  # [P, Q, K]: causal
+            totals = (inputs.prefill_contexts + lengths)[:, None]
+            rows = _pool_rows(inputs, tables, keys, keys[None, :] < totals)
+            visible = visible.repeat_interleave(group, dim=1)[:, None]  # [P, 1, Q · G, K]
+            query_rows = num_decode + inputs.prefill_starts[:, None] + offset
+            prefill = PaddedGroup(rows, visible, query_rows, inputs.prefill_outputs)
+        return cls(inputs.slot_mapping, num_decode, decode, prefill)
 
 
-def _rows(blocks: Sequence[int], block_size: int, begin: int, end: int) -> torch.Tensor:
-    """Flat pool rows of token positions ``[begin, end)`` of a sequence with these blocks."""
-    pos = torch.arange(begin, end)
-    table = torch.as_tensor(blocks, dtype=torch.long)
-    return table[pos // block_size] * block_size + pos % block_size
+def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``0 .. n-1`` on ``like``'s device (key positions, or query offsets in a chunk)."""
+    return torch.arange(n, device=like.device)
 
 
-def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """``[n, H, hd]`` → ``[Hkv, n · G, hd]``: a key head's G query heads become query rows."""
-    n, heads, hd = q.shape
-    group = heads // kv_heads
-    return q.view(n, kv_heads, group, hd).permute(1, 0, 2, 3).reshape(kv_heads, n * group, hd)
-
-
-def _ungrouped(o: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`_grouped`: ``[Hkv, n · G, hd]`` → ``[n, H, hd]``."""
-    kv_heads, _, hd = o.shape
-    return o.view(kv_heads, n, -1, hd).permute(1, 0, 2, 3).reshape(n, -1, hd)
+def _pool_rows(
+    inputs: AttentionInputs, tables: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """``[C, K]`` flat pool rows of key positions; positions not ``visible`` read null rows."""
+    size = inputs.block_size
+    rows = tables[:, keys // size] * size + keys % size
+    return torch.where(visible, rows, inputs.null_block * size + keys % size)
 
 
 def paged_attention(
@@ -198,32 +288,34 @@ def paged_attention(
     k_pool.index_copy_(0, meta.slot_mapping, k)
     v_pool.index_copy_(0, meta.slot_mapping, v)
     kv_heads = k.shape[1]
-    out = torch.empty_like(q)
-    d = meta.num_decode
-    if d:
-        rows = meta.decode_rows
-        shape = (*rows.shape, *k_pool.shape[1:])  # [D, Lmax, Hkv, hd]
-        keys = k_pool.index_select(0, rows.view(-1)).view(shape).transpose(1, 2)
-        values = v_pool.index_select(0, rows.view(-1)).view(shape).transpose(1, 2)
-        group = q.shape[1] // kv_heads
+    group = q.shape[1] // kv_heads
+    parts = []
+    if meta.decode is not None:
+        d = meta.num_decode
+        keys, values = _gather(k_pool, v_pool, meta.decode.key_rows)  # [D, Hkv, K, hd]
         qd = q[:d].view(d, kv_heads, group, -1)  # [D, Hkv, G, hd]
-        o = F.scaled_dot_product_attention(qd, keys, values, meta.decode_mask, scale=scale)
-        out[:d] = o.reshape(d, -1, q.shape[-1])
-    for c, rows, mask in zip(meta.chunks[d:], meta.prefill_rows, meta.prefill_masks, strict=True):
-        span = slice(c.start, c.start + c.length)
-        if rows is None:
-            keys, values = k[span], v[span]  # [len, Hkv, hd]: nothing cached before
-        else:
-            keys, values = k_pool[rows], v_pool[rows]  # [total, Hkv, hd]
-        o = F.scaled_dot_product_attention(
-            _grouped(q[span], kv_heads),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
-            mask,
-            scale=scale,
-        )
-        out[span] = _ungrouped(o, c.length)
-    return out
+        o = F.scaled_dot_product_attention(qd, keys, values, meta.decode.bias(q.dtype), scale=scale)
+        parts.append(o.reshape(d, -1, q.shape[-1]))
+    if meta.prefill is not None:
+        p = meta.prefill
+        chunks, queries = p.query_rows.shape
+        keys, values = _gather(k_pool, v_pool, p.key_rows)  # [P, Hkv, K, hd]
+        qp = q[p.query_rows.view(-1)].view(chunks, queries, kv_heads, group, -1)
+        qp = qp.permute(0, 2, 1, 3, 4).reshape(chunks, kv_heads, queries * group, -1)
+        o = F.scaled_dot_product_attention(qp, keys, values, p.bias(q.dtype), scale=scale)
+        o = o.view(chunks, kv_heads, queries, group, -1).permute(0, 2, 1, 3, 4)
+        parts.append(o.reshape(chunks * queries, *q.shape[1:]).index_select(0, p.output_rows))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _gather(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values at pool ``rows [C, K]`` → two ``[C, Hkv, K, hd]`` (views, one copy each)."""
+    shape = (*rows.shape, *k_pool.shape[1:])  # [C, K, Hkv, hd]
+    flat = rows.view(-1)
+    keys = k_pool.index_select(0, flat).view(shape).transpose(1, 2)
+    return keys, v_pool.index_select(0, flat).view(shape).transpose(1, 2)
 
 
 def dense_attention(
