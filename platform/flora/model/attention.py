@@ -103,7 +103,6 @@ class AttentionInputs:
     max_decode_keys: int  # longest decode context (keys), 0 without decodes
     max_prefill_queries: int  # longest prefill chunk, 0 without prefills
     max_prefill_keys: int
-    slot_mapping: torch.Tensor  # [T] flat pool row of each new token
     decode_tables: torch.Tensor  # [D, Wd]
     decode_totals: torch.Tensor  # [D]
     prefill_tables: torch.Tensor  # [P, Wp]
@@ -111,9 +110,9 @@ class AttentionInputs:
     prefill_contexts: torch.Tensor  # [P]
     prefill_lengths: torch.Tensor  # [P]
     prefill_outputs: torch.Tensor  # [T - D] each prefill token's row in the padded output
+    prefill_new_keys: torch.Tensor  # [T - D] each prefill token's place in the padded keys
 
     TENSORS = (
-        "slot_mapping",
         "decode_tables",
         "decode_totals",
         "prefill_tables",
@@ -121,6 +120,7 @@ class AttentionInputs:
         "prefill_contexts",
         "prefill_lengths",
         "prefill_outputs",
+        "prefill_new_keys",
     )
 
     @classmethod
@@ -139,26 +139,27 @@ class AttentionInputs:
                 raise ValueError(f"a chunk of {c.total} tokens has only {len(c.blocks)} blocks")
             start += c.length
         decodes, prefills = chunks[:num_decode], chunks[num_decode:]
-        mapping = [_rows(c.blocks, block_size, c.context, c.total) for c in chunks]
         lengths = torch.tensor([c.length for c in prefills], dtype=torch.long)
+        contexts = torch.tensor([c.context for c in prefills], dtype=torch.long)
         longest = max((c.length for c in prefills), default=0)
+        keys = max((c.total for c in prefills), default=0)
         starts = torch.tensor([c.start - num_decode for c in prefills], dtype=torch.long)
-        offsets = torch.arange(int(lengths.sum())) - starts.repeat_interleave(lengths)
-        padded = torch.arange(len(prefills)).repeat_interleave(lengths) * longest + offsets
+        chunk = torch.arange(len(prefills)).repeat_interleave(lengths)  # per prefill token
+        offsets = torch.arange(int(lengths.sum())) - starts[chunk]
         return cls(
             block_size=block_size,
             null_block=null_block,
             max_decode_keys=max((c.total for c in decodes), default=0),
             max_prefill_queries=longest,
-            max_prefill_keys=max((c.total for c in prefills), default=0),
-            slot_mapping=torch.cat(mapping) if mapping else torch.zeros(0, dtype=torch.long),
+            max_prefill_keys=keys,
             decode_tables=_padded_tables(decodes, null_block),
             decode_totals=torch.tensor([c.total for c in decodes], dtype=torch.long),
             prefill_tables=_padded_tables(prefills, null_block),
             prefill_starts=starts,
-            prefill_contexts=torch.tensor([c.context for c in prefills], dtype=torch.long),
+            prefill_contexts=contexts,
             prefill_lengths=lengths,
-            prefill_outputs=padded,
+            prefill_outputs=chunk * longest + offsets,
+            prefill_new_keys=chunk * keys + contexts[chunk] + offsets,
         )
 
     def tensors(self) -> list[torch.Tensor]:
@@ -173,13 +174,6 @@ def _padded_tables(chunks: Sequence[Chunk], null_block: int) -> torch.Tensor:
     width = max((len(c.blocks) for c in chunks), default=0)
     rows = [c.blocks + (null_block,) * (width - len(c.blocks)) for c in chunks]
     return torch.tensor(rows, dtype=torch.long).view(len(chunks), width)
-
-
-def _rows(blocks: Sequence[int], block_size: int, begin: int, end: int) -> torch.Tensor:
-    """Flat pool rows of token positions ``[begin, end)`` of a sequence with these blocks."""
-    pos = torch.arange(begin, end)
-    table = torch.as_tensor(blocks, dtype=torch.long)
-    return table[pos // block_size] * block_size + pos % block_size
 
 
 @dataclass
@@ -240,12 +234,15 @@ class AttentionMetadata:
     def expand(cls, inputs: AttentionInputs, group: int) -> AttentionMetadata:
         """Row indices and masks from the (device) inputs: a few tensor ops per step."""
         decode = prefill = None
+        new_rows = []  # the pool row each new token is written to: where its key is read
         num_decode = inputs.decode_totals.shape[0]
         if num_decode:
             keys = _arange(inputs.max_decode_keys, inputs.decode_tables)
             visible = keys[None, :] < inputs.decode_totals[:, None]  # [D, K]
             rows = _pool_rows(inputs, inputs.decode_tables, keys, visible)
             decode = PaddedGroup(rows, visible[:, None, None, :], None, None)
+            last = inputs.decode_totals - 1
+            new_rows.append(rows.gather(1, last[:, None]).view(-1))
         if inputs.prefill_lengths.shape[0]:
             tables, lengths = inputs.prefill_tables, inputs.prefill_lengths
             keys = _arange(inputs.max_prefill_keys, tables)
@@ -258,7 +255,9 @@ class AttentionMetadata:
             visible = visible.repeat_interleave(group, dim=1)[:, None]  # [P, 1, Q · G, K]
             query_rows = num_decode + inputs.prefill_starts[:, None] + offset
             prefill = PaddedGroup(rows, visible, query_rows, inputs.prefill_outputs)
-        return cls(inputs.slot_mapping, num_decode, decode, prefill)
+            new_rows.append(rows.view(-1)[inputs.prefill_new_keys])
+        slot_mapping = torch.cat(new_rows) if len(new_rows) > 1 else new_rows[0]
+        return cls(slot_mapping, num_decode, decode, prefill)
 
 
 def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
