@@ -38,6 +38,7 @@ NEEDS_EXTRA = {
     "flora.bench.replica_state": "bench",  # psutil: a replica's RSS (None without it)
     "flora.bench.serve": "bench",  # psutil: the machine's CPU time (None without it)
     "flora.bench.serve_run": "bench",  # psutil: the Ray processes left behind by `serve run`
+    "flora.adapters._triton_jit": "dev",  # triton: the fused adapter kernels (GPU images have it)
 }
 # Blocked in the import check besides the extras' own packages: test tools and the GPU engine.
 ALSO_BLOCKED = ("pytest", "vllm")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from flora.adapters.calibration import DEFAULT_CALIBRATION, Calibration, DeviceProfile, GemmCurve
+from flora.adapters.triton_kernels import triton_available
 from flora.adapters.weights import AdapterKind
 
 
@@ -34,8 +35,11 @@ class KernelPath(enum.StrEnum):
     LORA_STACKED = "lora_stacked"
     LORA_BMM = "lora_bmm"
     IA3 = "ia3"
+    FLORA_TRITON = "flora_triton"
+    LORA_BGMV_TRITON = "lora_bgmv_triton"
 
 
+# The PyTorch paths, which run on every device.
 PATHS_BY_KIND: dict[AdapterKind, tuple[KernelPath, ...]] = {
     AdapterKind.FLORA: (KernelPath.FLORA_VECTORISED, KernelPath.FLORA_SEGMENTED),
     AdapterKind.LORA: (
@@ -46,6 +50,34 @@ PATHS_BY_KIND: dict[AdapterKind, tuple[KernelPath, ...]] = {
     ),
     AdapterKind.IA3: (KernelPath.IA3,),
 }
+# Fused Triton kernels (triton_kernels.py): candidates only where Triton can run them.
+TRITON_PATHS_BY_KIND: dict[AdapterKind, tuple[KernelPath, ...]] = {
+    AdapterKind.FLORA: (KernelPath.FLORA_TRITON,),
+    AdapterKind.LORA: (KernelPath.LORA_BGMV_TRITON,),
+    AdapterKind.IA3: (),
+}
+# A Triton launch binds its arguments in Python: priced as this many small torch ops.
+TRITON_LAUNCH_OPS = 2
+
+
+def kind_paths(kind: AdapterKind, device: torch.device | None = None) -> tuple[KernelPath, ...]:
+    """The paths that compute ``kind``; given ``device``, only those that can run there now."""
+    triton = TRITON_PATHS_BY_KIND[kind]
+    if triton and (device is None or triton_available(device)):
+        return PATHS_BY_KIND[kind] + triton
+    return PATHS_BY_KIND[kind]
+
+
+def check_path(kind: AdapterKind, path: KernelPath, device: torch.device | None = None) -> None:
+    """Raise ``ValueError`` unless ``path`` computes ``kind`` (and can run on ``device``)."""
+    if path not in kind_paths(kind):
+        raise ValueError(f"path {path} cannot run {kind} adapters")
+    if device is not None and path not in kind_paths(kind, device):
+        raise ValueError(
+            f"path {path} needs Triton, which cannot run on {device} here: it needs CUDA with "
+            "triton installed or, on CPU, its interpreter (TRITON_INTERPRET=1, set before "
+            "triton is first imported)"
+        )
 
 
 @dataclass(frozen=True)
@@ -119,6 +151,14 @@ class CostModel:
                 if rank and not hit:
                     total += self._thin(2 * d * k * rank) + self._ew(3 * d * k)
             return total
+        if path is KernelPath.FLORA_TRITON:  # no gather copies: x, A rows, z; p, Bt rows, y
+            rows = t * r * (2 * k + 2 * d) + t * (k + d)
+            return self.gemm(t * r) + self._ew(rows, ops=2 * TRITON_LAUNCH_OPS)
+        if path is KernelPath.LORA_BGMV_TRITON:  # no-adapter tokens skip both kernels
+            adapted = sum(c for c, rr in zip(w.counts, w.ranks, strict=True) if rr)
+            thin = self._thin(2 * adapted * r * (k + d), ops=0)
+            moved = adapted * r * (k + d) + adapted * (k + 2 * d)
+            return base + thin + self._ew(moved, ops=2 * TRITON_LAUNCH_OPS)
         if path is KernelPath.LORA_GATHER:
             return base + self._ew(3 * t * r * (k + d), ops=6) + self._thin(2 * t * r * (k + d))
         if path is KernelPath.LORA_SEGMENTED:
@@ -170,8 +210,7 @@ class Dispatcher:
     ) -> None:
         self.force = dict(force or {})
         for kind, path in self.force.items():
-            if path not in PATHS_BY_KIND[kind]:
-                raise ValueError(f"path {path} cannot run {kind} adapters")
+            check_path(kind, path)
         self.calibration = calibration or DEFAULT_CALIBRATION
         self.tune_margin, self.tune_repeats = tune_margin, tune_repeats
         self._models: dict[tuple, CostModel] = {}
@@ -201,10 +240,10 @@ class Dispatcher:
         """The predicted-cheapest path; ``measure(path)`` (seconds) settles close calls."""
         if kind in self.force:
             return self.force[kind]
-        candidates = PATHS_BY_KIND[kind]
+        candidates = kind_paths(kind, device)
         if len(candidates) == 1:
             return candidates[0]
-        key = (kind, device, dtype, workload.bucket())
+        key = (kind, device, dtype, len(candidates), workload.bucket())
         decided = self._decided.get(key)
         if decided is not None:
             return decided

@@ -16,13 +16,14 @@ from torch import nn
 
 from flora.adapters.bank import AdapterBank, BankConfig
 from flora.adapters.batch import NO_ADAPTER, AdapterBatch
-from flora.adapters.dispatch import PATHS_BY_KIND, Dispatcher, KernelPath, Workload
+from flora.adapters.dispatch import PATHS_BY_KIND, Dispatcher, KernelPath, Workload, check_path
 from flora.adapters.errors import SlotError
 from flora.adapters.flora import flora_vectorised
 from flora.adapters.ia3 import ia3_forward
 from flora.adapters.lora import lora_bmm, lora_gather, lora_segmented, lora_stacked
 from flora.adapters.materialised import MaterialisedCache
 from flora.adapters.segmented import flora_segmented, materialise_flora
+from flora.adapters.triton_kernels import flora_triton, lora_bgmv_triton
 from flora.adapters.weights import AdapterKind, AdapterWeights
 
 PathChoice = Mapping[AdapterKind, KernelPath]
@@ -173,18 +174,22 @@ class AdaptedLinear(nn.Module):
             or self.dispatcher.force.get(kind)
             or self._choose(kind, batch, x, ranks)
         )
-        if path not in PATHS_BY_KIND[kind]:
-            raise ValueError(f"path {path} cannot run {kind} adapters")
+        if path not in PATHS_BY_KIND[kind]:  # a Triton path, or a wrong one
+            check_path(kind, path, x.device)
         bank, w, b, idx = self.bank, self.base.weight, self.base.bias, batch.entries
         rank = max(ranks.values(), default=1) or 1
         if path is KernelPath.FLORA_VECTORISED:
             return flora_vectorised(x, w, b, bank.flora_A, bank.flora_Bt, idx, rank)
+        if path is KernelPath.FLORA_TRITON:
+            return flora_triton(x, w, b, bank.flora_A, bank.flora_Bt, idx, rank)
         if path is KernelPath.FLORA_SEGMENTED:
             return flora_segmented(
                 x, w, b, bank.flora_A, bank.flora_Bt, ranks, batch, self._materialised
             )
         if path is KernelPath.LORA_GATHER:
             return lora_gather(x, w, b, bank.lora_A, bank.lora_Bt, idx, rank)
+        if path is KernelPath.LORA_BGMV_TRITON:
+            return lora_bgmv_triton(x, w, b, bank.lora_A, bank.lora_Bt, idx, rank)
         if path is KernelPath.LORA_SEGMENTED:
             return lora_segmented(x, w, b, bank.lora_A, bank.lora_Bt, ranks, batch)
         if path is KernelPath.LORA_STACKED:

@@ -23,7 +23,8 @@ from flora.adapters import (
     LoraWeights,
     MaterialisedCache,
 )
-from flora.adapters.dispatch import PATHS_BY_KIND
+from flora.adapters.dispatch import kind_paths
+from flora.adapters.triton_kernels import triton_available
 from flora.bench.timing import interleaved_timings
 
 # c_attn of StarCoder (GPTBigCode, multi-query): hidden → hidden + 2 · head_dim (head_dim 128).
@@ -47,6 +48,22 @@ METHODS: dict[str, tuple[AdapterKind | None, KernelPath | None]] = {
     "lora_auto": (AdapterKind.LORA, None),
     "ia3": (AdapterKind.IA3, KernelPath.IA3),
 }
+# Timed (and reported) only where Triton runs: CUDA, or the interpreter on CPU.
+TRITON_METHODS: dict[str, tuple[AdapterKind | None, KernelPath | None]] = {
+    "flora_triton": (AdapterKind.FLORA, KernelPath.FLORA_TRITON),
+    "lora_bgmv_triton": (AdapterKind.LORA, KernelPath.LORA_BGMV_TRITON),
+}
+
+
+def methods(device: torch.device) -> dict[str, tuple[AdapterKind | None, KernelPath | None]]:
+    """The methods timed on ``device``: every PyTorch path, and the Triton ones where they run."""
+    return {**METHODS, **TRITON_METHODS} if triton_available(device) else METHODS
+
+
+def methods_in(results: list[Result]) -> list[str]:
+    """The methods a report shows: every PyTorch one, and the Triton ones that were timed."""
+    timed = {r.method for r in results}
+    return [*METHODS, *(m for m in TRITON_METHODS if m in timed)]
 
 
 @dataclass(frozen=True)
@@ -130,11 +147,11 @@ def run_cell(
         layer = layers[kind]
         model = dispatcher.cost_model(*SHAPES[cell.shape], device, DTYPES[cell.dtype])
         workload = layer.workload(kind, batch)
-        for path in PATHS_BY_KIND[kind]:
+        for path in kind_paths(kind, device):
             predicted[path] = model.cost(path, workload)
     fns: dict[str, Callable[[], object]] = {}
     results: list[Result] = []
-    for method, (kind, path) in METHODS.items():
+    for method, (kind, path) in methods(device).items():
         if path in predicted and predicted[path] > max_call_seconds:
             results.append(Result(cell, method, None))
             continue
@@ -148,7 +165,7 @@ def run_cell(
         timings = interleaved_timings(fns, device, rounds=rounds)
         plans = {kind: str(layers[kind].plan(batch).get(kind, "")) for kind in layers}
     for method, timing in timings.items():
-        kind = METHODS[method][0]
+        kind = methods(device)[method][0]
         chosen = plans[kind] if method.endswith("_auto") else ""
         results.append(Result(cell, method, timing.median, chosen, timing.spread))
     return results

@@ -12,10 +12,11 @@ from pathlib import Path as FsPath
 
 import torch
 
-from flora.bench.kernels import METHODS, Cell, Result
+from flora.bench.kernels import Cell, Result, methods_in
 
-LORA_PATHS = ("lora_gather", "lora_seg", "lora_stacked", "lora_bmm")
-FLORA_PATHS = ("flora", "flora_seg")
+# per kind, the methods "best" ranges over (the Triton ones count only where they were timed)
+LORA_PATHS = ("lora_gather", "lora_seg", "lora_stacked", "lora_bmm", "lora_bgmv_triton")
+FLORA_PATHS = ("flora", "flora_seg", "flora_triton")
 
 
 def machine(device: torch.device) -> str:
@@ -58,7 +59,7 @@ def _spreads(results: list[Result]) -> dict[tuple[Cell, str], str]:
 
 def table(results: list[Result]) -> list[str]:
     chosen = {(r.cell, r.method): r.chosen for r in results if r.chosen}
-    methods = list(METHODS)
+    methods = methods_in(results)
     lines = [
         "| shape | dtype | T | N | r | base ms (spread) | " + " | ".join(methods[1:]) + " |",
         "|" + "---|" * (6 + len(methods) - 1),
@@ -270,7 +271,7 @@ def plot(results: list[Result], path: FsPath) -> None:
     nrows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     for ax, (shape, dtype, t, n) in zip(axes.flat, panels, strict=False):
-        for method in list(METHODS)[1:]:
+        for method in methods_in(results)[1:]:
             xs, ys = [], []
             for r in ranks:
                 value = rows.get(Cell(shape, dtype, t, n, r), {}).get(method)
