@@ -22,6 +22,8 @@ from flora.model import GPTBigCode, ModelArgs, load_adapter_dir, save_adapter_di
 
 # FLORA_TEST_DEVICE=cuda runs the same checks on a GPU (scripts/gpu-bench.sh does).
 DEVICE = os.environ.get("FLORA_TEST_DEVICE", "cpu")
+# FLORA_TEST_COMPILE=default (or max) runs them with the engine's compiled blocks.
+COMPILE = os.environ.get("FLORA_TEST_COMPILE", "off")
 ARGS = ModelArgs(
     vocab_size=512, n_positions=160, n_embd=64, n_layer=2, n_head=4, n_inner=128, eos_token_id=0
 )
@@ -100,6 +102,7 @@ def make_engine(
         config.setdefault("adapter_cache_dir", tmp_path / "cache")
         config.setdefault("block_size", 4)
         config.setdefault("device", DEVICE)
+        config.setdefault("compile", COMPILE)
         source = LocalAdapterSource(root=adapter_root) if adapters else None
         engine = LLMEngine(copy.deepcopy(base_model), None, EngineConfig(**config), source)
         engines.append(engine)

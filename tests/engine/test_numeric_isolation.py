@@ -31,7 +31,7 @@ from flora.engine import (
 from flora.engine.request import ErrorCode
 from flora.engine.sampling import LOGPROB_FLOOR, logprobs_of
 from flora.model import save_adapter_dir
-from tests.engine.conftest import ARGS, DEVICE, random_prompts, tokens_of
+from tests.engine.conftest import ARGS, COMPILE, DEVICE, random_prompts, tokens_of
 
 BENIGN = ("lora-r4", "flora-r2", "ia3-a")
 HOSTILE = ("hostile-lora-b", "hostile-lora-alpha", "hostile-flora-b")
@@ -79,6 +79,7 @@ def make(base_model, adapter_root, hostile_root, tmp_path):
             "adapter_cache_dir": tmp_path / "cache",
             "block_size": 4,
             "device": DEVICE,
+            "compile": COMPILE,
             "max_adapter_magnitude": 3e38,
         } | config
         source = LocalAdapterSource(paths)
@@ -211,7 +212,7 @@ def test_base_model_overflow_is_a_server_error(base_model):
     model = copy.deepcopy(base_model)
     with torch.no_grad():
         model.transformer.h[0].attn.c_attn.weight.mul_(1e30)
-    engine = LLMEngine(model, None, EngineConfig(device=DEVICE, block_size=4))
+    engine = LLMEngine(model, None, EngineConfig(device=DEVICE, block_size=4, compile=COMPILE))
     out = run_to_completion(engine, [Request(prompt_ids=[5, 6, 7], request_id="x")])["x"]
     assert out[-1].finish_reason is FinishReason.ERROR
     assert out[-1].error_code is ErrorCode.NON_FINITE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -48,6 +49,12 @@ class EngineConfig(BaseModel):
         description="Largest |value| an adapter may hold or apply per weight (every stored factor, "
         "LoRA's |ΔW|, FLoRA's |W_i / W0|, IA3's |l|); larger ones are refused before loading. "
         "Trained adapters sit far below (LoRA ~0.05, FLoRA and IA3 ~1).",
+    )
+    compile: Literal["off", "default", "max"] = Field(
+        "off",
+        description="torch.compile each block's feed-forward half at start-up (default: "
+        "inductor's defaults; max: max-autotune). Compiled code is cached by inductor across "
+        "restarts.",
     )
     host_cache_bytes: int = Field(1 << 30, ge=0, description="Parsed adapters kept in memory.")
     adapter_cache_dir: pathlib.Path = Field(default_factory=default_cache_dir)

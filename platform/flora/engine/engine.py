@@ -82,6 +82,13 @@ class LLMEngine:
             )
         for _, layer in model.adapted_layers():  # layers share one dispatcher
             layer.dispatcher.force = dict(config.adapter_paths)
+        self.compile_seconds = model.compile_feed_forward(config.compile)
+        if self.compile_seconds:
+            log.info(
+                "compiled the feed-forward blocks (%s) in %.1f s",
+                config.compile,
+                self.compile_seconds,
+            )
         self.adapters = (
             AdapterCache(
                 adapter_source,

@@ -11,6 +11,8 @@ so checkpoints load without renaming. Two entry points share every weight:
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -67,6 +69,14 @@ class MLP(nn.Module):
         return _linear(self.c_proj, h, adapters)
 
 
+def _feed_forward(x: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """:class:`Block`'s second half without adapters, as a function of its weights, so one
+    compiled graph serves every block (its weights are inputs, not guarded constants)."""
+    ln_w, ln_b, eps, fc_w, fc_b, proj_w, proj_b = weights
+    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+    return x + F.linear(F.gelu(F.linear(h, fc_w, fc_b), approximate="tanh"), proj_w, proj_b)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -74,12 +84,19 @@ class Block(nn.Module):
         self.attn = Attention(args)
         self.ln_2 = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
         self.mlp = MLP(args)
+        self.compiled_feed_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def feed_forward(self, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
+        """``x + mlp(ln_2(x))``: the block's second half, compiled when it holds no adapter."""
+        if self.compiled_feed_forward is not None:
+            return self.compiled_feed_forward(x)
+        return x + self.mlp(self.ln_2(x), adapters)
 
     def forward(
         self, x: torch.Tensor, adapters: AdapterBatch | None, attend: Attend
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), adapters, attend)
-        return x + self.mlp(self.ln_2(x), adapters)
+        return self.feed_forward(x, adapters)
 
 
 class Transformer(nn.Module):
@@ -196,6 +213,37 @@ class GPTBigCode(nn.Module):
                 continue
             state[name.replace(".base.", ".")] = tensor
         return state
+
+    # --- compilation -----------------------------------------------------------------------
+
+    def compile_feed_forward(self, mode: str) -> float:
+        """``torch.compile`` each block's feed-forward half (layer norm, MLP, residual: one fused
+        graph for any token count) unless adapters target the MLP; returns seconds spent.
+
+        ``mode`` is ``off`` (back to eager), ``default`` or ``max`` (inductor's max-autotune,
+        without CUDA graphs: the step's shapes vary). Attention and adapted linears stay eager:
+        the pool is updated in place and the dispatcher picks paths per batch, neither of which
+        a graph captures.
+        """
+        options = {"default": None, "max": "max-autotune-no-cudagraphs"}
+        if mode not in (*options, "off"):
+            raise ValueError(f"unknown compile mode {mode!r}; choose from off, {list(options)}")
+        for block in self.transformer.h:
+            block.compiled_feed_forward = None
+        if mode == "off" or any(t.startswith("mlp.") for t in self.adapter_targets):
+            return 0.0
+        start = time.perf_counter()
+        compiled = torch.compile(_feed_forward, dynamic=True, mode=options[mode])
+        for block in self.transformer.h:
+            ln, fc, proj = block.ln_2, block.mlp.c_fc, block.mlp.c_proj
+            weights = (ln.weight, ln.bias, ln.eps, fc.weight, fc.bias, proj.weight, proj.bias)
+            block.compiled_feed_forward = functools.partial(compiled, weights=weights)
+        with torch.inference_mode():  # compile now (one graph serves every token count)
+            for rows in (3, 5):
+                x = torch.zeros(rows, self.args.n_embd, dtype=self.dtype, device=self.device)
+                for block in self.transformer.h:
+                    block.feed_forward(x, None)
+        return time.perf_counter() - start
 
     # --- forward passes --------------------------------------------------------------------
 
