@@ -1,6 +1,6 @@
 """Operators per engine step: what the host issues each step, counted, not timed.
 
-    python scripts/step_ops.py --out runs/step-ops [--label NAME]
+    python scripts/step_ops.py --out runs/step-ops [--label NAME] [--device cuda]
 
 On a GPU every non-view operator is (at least) one kernel launch the host pays for, so the
 count per decode step is the host-bound engine's cost, and unlike a timing it does not move
@@ -63,12 +63,12 @@ def _profiled(engine) -> tuple[int, int]:
     return issued_ops(events), sdpa
 
 
-def measure(config: str, method: str, decode_steps: int) -> dict:
+def measure(config: str, method: str, decode_steps: int, device: str) -> dict:
     args = CONFIGS[config]()
     chosen = [m for m in methods([1, 8], baselines=False) if m.name == method]
     work = Workload(output_tokens=decode_steps + 4)
     bench = Bench(
-        args, work, device="cpu", dtype="fp32", method_list=chosen, progress=lambda _: None
+        args, work, device=device, dtype="fp32", method_list=chosen, progress=lambda _: None
     )
     engine = bench.engine_for(chosen[0])
     for r in bench._requests(chosen[0], work.output_tokens):
@@ -91,7 +91,7 @@ def measure(config: str, method: str, decode_steps: int) -> dict:
     walls = []
     for _ in range(decode_steps):
         start = time.perf_counter()
-        engine.step()
+        engine.step()  # ends on the device→host copy of the sampled tokens: a full step
         walls.append(time.perf_counter() - start)
     engine.close()
     return {
@@ -113,12 +113,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="run directory")
     parser.add_argument("--label", default="", help="tag every row (e.g. the git revision)")
     parser.add_argument("--decode-steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
     opts = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for config in CONFIGS:
         for method in METHODS:
-            row = {"label": opts.label, **measure(config, method, opts.decode_steps)}
+            measured = measure(config, method, opts.decode_steps, opts.device)
+            row = {"label": opts.label, "device": opts.device, **measured}
             print(" | ".join(str(v) for v in row.values()), flush=True)
             rows.append(row)
     opts.out.mkdir(parents=True, exist_ok=True)
