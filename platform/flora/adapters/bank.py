@@ -36,6 +36,30 @@ TABLES: dict[AdapterKind, tuple[str, str]] = {
 }
 
 
+class SlotLayout:
+    """What a layer's plan for a batch depends on in its bank: equal layouts (every layer an
+    adapter covers, typically) share one plan per step. Hashed once, at construction."""
+
+    __slots__ = ("_hash", "feedforward", "kinds", "ranks")
+
+    def __init__(
+        self, kinds: tuple[AdapterKind | None, ...], ranks: tuple[int, ...], feedforward: tuple
+    ) -> None:
+        self.kinds, self.ranks, self.feedforward = kinds, ranks, feedforward
+        self._hash = hash((kinds, ranks, feedforward))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SlotLayout)
+            and self._hash == other._hash
+            and (self.kinds, self.ranks, self.feedforward)
+            == (other.kinds, other.ranks, other.feedforward)
+        )
+
+
 def folded(weights: AdapterWeights) -> dict[str, torch.Tensor]:
     """What :meth:`AdapterBank.load` writes per table: ``Bᵀ`` with ``1/r`` (FLoRA) or PEFT's
     scale (LoRA) folded in, computed in float64; IA3 fills one side only."""
@@ -99,6 +123,7 @@ class AdapterBank(nn.Module):
         self.versions: list[int] = [0] * config.max_slots
         self.feedforward: list[bool] = [False] * config.max_slots
         self.lora_scaling: list[tuple[float, bool]] = [(1.0, False)] * config.max_slots
+        self._layout: SlotLayout | None = None
         for slot in range(-1, config.max_slots):
             self._reset(slot)
 
@@ -160,6 +185,7 @@ class AdapterBank(nn.Module):
         if isinstance(weights, LoraWeights):
             self.lora_scaling[slot] = (weights.alpha, weights.use_rslora)
         self.versions[slot] += 1
+        self._layout = None
 
     @torch.no_grad()
     def export(self, slot: int) -> AdapterWeights | None:
@@ -216,6 +242,14 @@ class AdapterBank(nn.Module):
         self.feedforward[slot] = False
         self.lora_scaling[slot] = (1.0, False)
         self.versions[slot] += 1
+        self._layout = None
+
+    @property
+    def layout(self) -> SlotLayout:
+        """Kind, rank and IA3 placement per slot, rebuilt only after a load or eviction."""
+        if self._layout is None:
+            self._layout = SlotLayout(tuple(self.kinds), tuple(self.ranks), tuple(self.feedforward))
+        return self._layout
 
     def group_by_kind(self, slots: tuple[int, ...]) -> dict[AdapterKind | None, tuple[int, ...]]:
         """Split a batch's distinct slots by the kind loaded here (``None``: base layer)."""

@@ -43,6 +43,10 @@ class AdapterBatch:
     _subsets: dict[tuple[int, ...], tuple[torch.Tensor, AdapterBatch]] = field(
         default_factory=dict, repr=False
     )
+    # Each layer's plan for this batch, shared by layers of one shape and bank layout
+    # (flora.adapters.layer): the dispatcher's per-slot bookkeeping runs once per step, not
+    # once per layer.
+    plans: dict[tuple, object] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_slots(

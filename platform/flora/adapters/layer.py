@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,15 +90,26 @@ class AdaptedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         self._check(x2, batch)
-        groups = self.bank.group_by_kind(batch.slots)
-        kinds = [kind for kind in groups if kind is not None]
+        plan = self._plan(batch, paths)
+        kinds = [kind for kind in plan.groups if kind is not None]
         if not kinds:
             y = F.linear(x2, self.base.weight, self.base.bias)
         elif len(kinds) == 1:  # identity entries make the other rows exact: no split needed
-            y = self._run(kinds[0], x2, batch, paths)
+            y = self._execute(kinds[0], plan.decide(self, kinds[0], x2, batch), x2, batch)
         else:
-            y = self._run_mixed(groups, x2, batch, paths)
+            y = self._run_mixed(plan, x2, batch)
         return y.view(*lead, self.out_features)
+
+    def _plan(self, batch: AdapterBatch, paths: PathChoice | None) -> LayerPlan:
+        """This batch's plan here: shared with every layer of the same shape, bank layout and
+        dispatcher (decided by the first of them to run), unless ``paths`` forces one."""
+        if paths is not None:
+            return LayerPlan(self.bank.group_by_kind(batch.slots), paths)
+        key = (self.in_features, self.out_features, self.bank.layout, self.dispatcher)
+        plan = batch.plans.get(key)
+        if plan is None:
+            plan = batch.plans[key] = LayerPlan(self.bank.group_by_kind(batch.slots))
+        return plan
 
     def plan(self, batch: AdapterBatch) -> dict[AdapterKind, KernelPath]:
         """The path the dispatcher would run for each kind present (for logs and benchmarks)."""
@@ -165,9 +178,9 @@ class AdaptedLinear(nn.Module):
             return make()
         return self.cache.get_or_make((id(self), slot, bank.versions[slot]), make)
 
-    def _run(
+    def _decide(
         self, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch, paths: PathChoice | None
-    ) -> torch.Tensor:
+    ) -> Decision:
         ranks = self._ranks(kind, batch)
         path = (
             (paths or {}).get(kind)
@@ -176,8 +189,18 @@ class AdaptedLinear(nn.Module):
         )
         if path not in PATHS_BY_KIND[kind]:  # a Triton path, or a wrong one
             check_path(kind, path, x.device)
+        return Decision(path, ranks, max(ranks.values(), default=1) or 1)
+
+    def _run(
+        self, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch, paths: PathChoice | None
+    ) -> torch.Tensor:
+        return self._execute(kind, self._decide(kind, x, batch, paths), x, batch)
+
+    def _execute(
+        self, kind: AdapterKind, decision: Decision, x: torch.Tensor, batch: AdapterBatch
+    ) -> torch.Tensor:
+        path, ranks, rank = decision
         bank, w, b, idx = self.bank, self.base.weight, self.base.bias, batch.entries
-        rank = max(ranks.values(), default=1) or 1
         if path is KernelPath.FLORA_VECTORISED:
             return flora_vectorised(x, w, b, bank.flora_A, bank.flora_Bt, idx, rank)
         if path is KernelPath.FLORA_TRITON:
@@ -209,23 +232,42 @@ class AdaptedLinear(nn.Module):
             scales_output=not all(bank.feedforward[s] for s in present),
         )
 
-    def _run_mixed(
-        self,
-        groups: dict[AdapterKind | None, tuple[int, ...]],
-        x: torch.Tensor,
-        batch: AdapterBatch,
-        paths: PathChoice | None,
-    ) -> torch.Tensor:
+    def _run_mixed(self, plan: LayerPlan, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
         rows_parts, y_parts = [], []
-        for kind, slots in groups.items():
+        for kind, slots in plan.groups.items():
             rows, sub = batch.subset(slots)
             xk = x.index_select(0, rows)
             if kind is None:
                 y_parts.append(F.linear(xk, self.base.weight, self.base.bias))
             else:
-                y_parts.append(self._run(kind, xk, sub, paths))
+                y_parts.append(self._execute(kind, plan.decide(self, kind, xk, sub), xk, sub))
             rows_parts.append(rows)
         rows = torch.cat(rows_parts)
         restore = torch.empty_like(rows)
         restore[rows] = torch.arange(rows.shape[0], device=rows.device)
         return torch.cat(y_parts).index_select(0, restore)
+
+
+class Decision(NamedTuple):
+    """One kind's path for a batch in a layer, and the ranks running it needs."""
+
+    path: KernelPath
+    ranks: dict[int, int]  # rank per slot present, 0 where it holds no adapter of this kind
+    rank: int  # the largest present
+
+
+@dataclass
+class LayerPlan:
+    """A batch's slots split by kind, and each kind's decision, made on first use."""
+
+    groups: dict[AdapterKind | None, tuple[int, ...]]
+    paths: PathChoice | None = None  # forced paths (then the plan is not shared)
+    decisions: dict[AdapterKind, Decision] = field(default_factory=dict)
+
+    def decide(
+        self, layer: AdaptedLinear, kind: AdapterKind, x: torch.Tensor, batch: AdapterBatch
+    ) -> Decision:
+        decision = self.decisions.get(kind)
+        if decision is None:
+            decision = self.decisions[kind] = layer._decide(kind, x, batch, self.paths)
+        return decision
