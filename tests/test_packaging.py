@@ -47,8 +47,13 @@ ALSO_BLOCKED = ("pytest", "vllm")
 BROUGHT_BY_THE_BASE = {"psutil": "Ray imports its copy in ray/thirdparty_files"}
 
 
+# Files in the package that FLoRA never imports: they run under another environment's python.
+FOREIGN = {"flora.bench.vllm_runner"}  # vLLM's side of `flora bench engine --vllm-python`
+
+
 def package_modules() -> dict[str, Path]:
-    """Every module of the packages (dotted name → file), found without importing any."""
+    """Every module of the packages (dotted name → file), found without importing any, less
+    :data:`FOREIGN`."""
     found: dict[str, Path] = {}
 
     def walk(name: str, directory: Path) -> None:
@@ -62,7 +67,7 @@ def package_modules() -> dict[str, Path]:
 
     for name, directory in PACKAGES.items():
         walk(name, directory)
-    return found
+    return {name: path for name, path in found.items() if name not in FOREIGN}
 
 
 def _normalise(name: str) -> str:

@@ -23,7 +23,7 @@ import torch
 from flora.adapters import AdapterKind, FloraWeights, IA3Weights, KernelPath, LoraWeights
 from flora.bench.engine_methods import Method, Run, adapter_names
 from flora.engine import EngineConfig, LLMEngine, LocalAdapterSource, Request, SamplingParams
-from flora.model import GPTBigCode, ModelArgs, save_adapter_dir
+from flora.model import GPTBigCode, ModelArgs, save_adapter_dir, save_model
 
 
 def methods(ranks: list[int], baselines: bool = True) -> list[Method]:
@@ -126,6 +126,7 @@ class Bench:
         self.prompts = workload.prompts(args.vocab_size)
         self._write_adapters()
         self._baselines: dict[tuple, object] = {}  # transformers/PEFT models, built on first use
+        self.greedy: dict[str, list[list[int]]] = {}  # method → last run's tokens per prompt
 
     def _names(self, m: Method) -> list[str | None]:
         return adapter_names(m, self.workload.requests)
@@ -142,6 +143,30 @@ class Bench:
                 save_adapter_dir(self.root / "adapters" / name, m.kind, layers)
                 made.add(name)
         self.progress(f"wrote {len(made)} adapters under {self.root / 'adapters'}")
+
+    def model_dir(self) -> Path:
+        """The model as an HF checkpoint (config.json + safetensors), written on first use, so
+        another engine (vLLM) can load exactly these weights."""
+        out = self.root / "model"
+        if not (out / "config.json").is_file():
+            save_model(self.model, out)
+        return out
+
+    def adapter_dirs(self, m: Method) -> list[Path]:
+        """Each request's adapter directory under ``m``; writes those no engine method wrote
+        (own generator: the adapters other methods use stay as they were)."""
+        gen = torch.Generator().manual_seed(self.workload.seed + 2)
+        dirs = []
+        for name in self._names(m):
+            if name is None:
+                raise ValueError(f"{m.name} has no adapters")
+            path = self.root / "adapters" / name
+            if not (path / "adapter_config.json").is_file():
+                layers = random_adapter_layers(self.args, m.kind, m.rank, gen)
+                layers = {k: _cast(w, self.model.dtype) for k, w in layers.items()}
+                save_adapter_dir(path, m.kind, layers)
+            dirs.append(path)
+        return dirs
 
     # --- runners ---------------------------------------------------------------------------
 
@@ -168,12 +193,14 @@ class Bench:
 
     def _run_engine(self, m: Method) -> Run:
         engine = self.engine_for(m)
+        tokens: dict[str, list[int]] = {}
         try:
             requests = self._requests(m, self.workload.output_tokens)
-            stamps = drive(engine, requests)
+            stamps = drive(engine, requests, tokens)
         finally:
             engine.close()
             del engine
+        self.greedy[m.name] = [tokens.get(r.request_id, []) for r in requests]
         return _summarise(stamps)
 
     def _run_generate(self, m: Method) -> Run:
@@ -195,8 +222,11 @@ class Bench:
         )
 
 
-def drive(engine: LLMEngine, requests: list[Request]) -> dict[str, list[float]]:
-    """Run to completion; per request, the wall time at which each token came out."""
+def drive(
+    engine: LLMEngine, requests: list[Request], tokens: dict[str, list[int]] | None = None
+) -> dict[str, list[float]]:
+    """Run to completion; per request, the wall time at which each token came out (and, into
+    ``tokens``, the token ids, for comparing greedy output with another engine)."""
     stamps: dict[str, list[float]] = {}
     for r in requests:
         engine.add_request(r)
@@ -206,6 +236,8 @@ def drive(engine: LLMEngine, requests: list[Request]) -> dict[str, list[float]]:
         now = time.perf_counter()
         for o in outs:
             stamps[o.request_id].extend([now] * len(o.token_ids))
+            if tokens is not None:
+                tokens.setdefault(o.request_id, []).extend(o.token_ids)
         if not outs and engine.adapters is not None and engine.adapters.pending():
             time.sleep(0.001)
     return stamps
@@ -223,6 +255,8 @@ def _summarise(stamps: dict[str, list[float]]) -> Run:
 class Result:
     method: Method
     runs: list[Run]
+    # another engine's rows: (requests whose greedy tokens equal ours, requests, which of ours)
+    greedy_match: tuple[int, int, str] | None = None
 
     @property
     def throughput(self) -> float:

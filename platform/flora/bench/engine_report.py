@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from flora.bench.engine import Result
@@ -14,6 +15,11 @@ def _by_name(results: list[Result]) -> dict[str, Result]:
     return {r.method.name: r for r in results}
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds, or a dash where a runner reports no per-token times (vLLM's offline API)."""
+    return "–" if math.isnan(seconds) else f"{1e3 * seconds:.1f}"
+
+
 def table(results: list[Result]) -> list[str]:
     base = _by_name(results)[NO_ADAPTERS].throughput
     lines = [
@@ -23,10 +29,22 @@ def table(results: list[Result]) -> list[str]:
     for r in results:
         lines.append(
             f"| {r.method.name} | {r.throughput:,.0f} ±{100 * r.spread:.0f}% | "
-            f"{r.throughput / base:.2f} | {1e3 * r.itl_percentile(0.5):.1f} | "
-            f"{1e3 * r.itl_percentile(0.99):.1f} |"
+            f"{r.throughput / base:.2f} | {_ms(r.itl_percentile(0.5))} | "
+            f"{_ms(r.itl_percentile(0.99))} |"
         )
     return lines
+
+
+def greedy_lines(results: list[Result]) -> list[str]:
+    """Whether another engine's greedy tokens equal ours, request by request (in fp32 they
+    must: same weights, same prompts; a difference is a numerics or model-port bug)."""
+    out = []
+    for r in results:
+        if r.greedy_match is None:
+            continue
+        same, total, ours = r.greedy_match
+        out.append(f"- greedy tokens, {r.method.name} vs {ours}: {same}/{total} requests identical")
+    return out
 
 
 def checks(results: list[Result]) -> list[str]:
@@ -53,7 +71,10 @@ def checks(results: list[Result]) -> list[str]:
         "lora bmm r1",
         1,
     )
-    return out
+    check(
+        "distinct rank-1 FLoRA vs vLLM no adapter (a bf16 target)", "flora r1", "vllm no adapter", 1
+    )
+    return out + greedy_lines(results)
 
 
 def latency_table(rows: list[tuple[str, int, float, float]]) -> list[str]:
@@ -79,6 +100,7 @@ def write(
     if latency:
         body += ["", "## Per-token latency under Poisson arrivals", "", *latency_table(latency)]
     columns = ["method", "kind", "rank", "tokens_per_s", "spread", "itl_p50_ms", "itl_p99_ms"]
+    columns.append("greedy_match")  # "64/64" on another engine's rows: requests equal to ours
     rows = [
         [
             r.method.name,
@@ -88,6 +110,7 @@ def write(
             f"{r.spread:.3f}",
             f"{1e3 * r.itl_percentile(0.5):.2f}",
             f"{1e3 * r.itl_percentile(0.99):.2f}",
+            f"{r.greedy_match[0]}/{r.greedy_match[1]}" if r.greedy_match else "",
         ]
         for r in results
     ]
