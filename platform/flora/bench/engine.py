@@ -26,11 +26,16 @@ from flora.engine import EngineConfig, LLMEngine, LocalAdapterSource, Request, S
 from flora.model import GPTBigCode, ModelArgs, save_adapter_dir, save_model
 
 
-def methods(ranks: list[int], baselines: bool = True) -> list[Method]:
+def methods(ranks: list[int], baselines: bool = True, compile: str = "off") -> list[Method]:
+    """Every method the table can hold; ``compile`` (default, max) adds compiled twins of the
+    no-adapter and rank-1 FLoRA rows, measured in the same rounds as the eager ones."""
     out = [
         Method("no adapters", "engine"),
         Method("same flora r1", "engine", AdapterKind.FLORA, 1, distinct=False),
     ]
+    if compile != "off":
+        out.append(Method("no adapters (compiled)", "engine", compile=compile))
+        out.append(Method("flora r1 (compiled)", "engine", AdapterKind.FLORA, 1, compile=compile))
     for r in ranks:
         out.append(Method(f"flora r{r}", "engine", AdapterKind.FLORA, r))
     out.append(Method("ia3", "engine", AdapterKind.IA3, 1))
@@ -184,7 +189,7 @@ class Bench:
 
     def engine_for(self, m: Method) -> LLMEngine:
         paths = {m.kind: m.path} if m.path else {}
-        config = EngineConfig(**self.engine_config, adapter_paths=paths)
+        config = EngineConfig(**self.engine_config, adapter_paths=paths, compile=m.compile)
         source = LocalAdapterSource(root=self.root / "adapters")
         engine = LLMEngine(self.model, None, config, source)
         warm = self._requests(m, 2)  # load every adapter, tune the dispatcher

@@ -30,6 +30,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     e.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     e.add_argument("--warmup", type=int, help="untimed rounds first (default: 1 CUDA, 0 CPU)")
     e.add_argument("--no-baselines", action="store_true", help="skip PEFT and transformers runs")
+    e.add_argument(
+        "--compile",
+        choices=["off", "default", "max"],
+        default="off",
+        help="add compiled twins of 'no adapters' and 'flora r1' with this engine compile mode",
+    )
     e.add_argument("--only", nargs="+", help="run only these methods (names as in the table)")
     e.add_argument("--latency-rate", type=float, default=0.0, help="Poisson arrivals/s (0: skip)")
     e.add_argument("--latency-requests", type=int, default=32)
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_max=min(args.prompt_max, model_args.n_positions - args.output_tokens - 1),
         output_tokens=args.output_tokens,
     )
-    chosen = bench_engine.methods(ranks, baselines=not args.no_baselines)
+    chosen = bench_engine.methods(ranks, baselines=not args.no_baselines, compile=args.compile)
     if args.only:
         keep = set(args.only) | {engine_report.NO_ADAPTERS}
         chosen = [m for m in chosen if m.name in keep]

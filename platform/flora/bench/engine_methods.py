@@ -17,6 +17,7 @@ class Method:
     rank: int = 0
     distinct: bool = True
     path: KernelPath | None = None
+    compile: str = "off"  # the engine's compile setting
 
 
 @dataclass
