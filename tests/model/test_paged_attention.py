@@ -37,6 +37,7 @@ def test_mixed_step_equals_reference(seed, heads, kv_heads):
     # (context, length): decodes first, then prefills of unequal lengths, fresh and continued
     shapes = [(rng.randint(1, 20), 1) for _ in range(3)]
     shapes += [(0, rng.randint(2, 9)), (rng.randint(1, 12), rng.randint(2, 9)), (0, 13)]
+    shapes += [(0, rng.randint(2, 4)), (rng.randint(1, 30), 3)]  # more chunks per length class
     tables, next_block = [], 0
     for context, length in shapes:
         n = math.ceil((context + length) / BLOCK)
@@ -90,10 +91,12 @@ def test_inputs_refuse_a_bad_packing():
         AttentionInputs.of([Chunk(0, 1, 7, (0,))], BLOCK, 9)
 
 
-def test_two_attention_calls_per_layer_whatever_the_batch():
-    """Prefill chunks are attended together: the number of SDPA calls does not grow with them."""
+@pytest.mark.parametrize("prefills", [1, 12])
+def test_attention_calls_grow_with_length_classes_not_sequences(prefills):
+    """Chunks of one length class (5–8 new tokens, no context) share one attention call; the
+    decodes share another, however many sequences there are."""
     chunks, start, table = [], 0, 0
-    for length in [1, 1, 5, 9, 3, 7]:
+    for length in [1, 1, 1] + [5 + i % 4 for i in range(prefills)]:
         chunks.append(Chunk(start, length, 2 if length == 1 else 0, (table, table + 1, table + 2)))
         start, table = start + length, table + 3
     meta = AttentionMetadata.build(chunks, BLOCK, 2, "cpu", null_block=table)

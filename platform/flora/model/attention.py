@@ -91,83 +91,99 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class GroupInputs:
+    """Chunks attended in one call, queries padded to ``queries`` rows and keys to ``keys``."""
+
+    queries: int  # the longest chunk (1 for decodes)
+    keys: int  # the longest context + chunk
+    tables: torch.Tensor  # [C, W] block tables, padded with the null block
+    totals: torch.Tensor  # [C] context + length
+    starts: torch.Tensor  # [C] row of each chunk's first token in the step
+    lengths: torch.Tensor  # [C]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tables, self.totals, self.starts, self.lengths]
+
+
+@dataclass(frozen=True)
 class AttentionInputs:
     """The step's attention as a few integer tensors: built on the host, sent with the step's
     other inputs in one copy (:func:`flora.model.transfer.to_device`), expanded on the device.
 
-    Tables are padded with the null block. Decodes (length 1) come first, then prefill chunks.
+    Chunks are grouped so that padding stays cheap: every decode in one group (one query each);
+    prefill chunks by the power of two just above their length and their total, so a group's
+    padded attention costs at most ~4× its chunks' own, and the number of attention calls per
+    layer is bounded by the number of such classes, never by the number of sequences.
     """
 
     block_size: int
     null_block: int
-    max_decode_keys: int  # longest decode context (keys), 0 without decodes
-    max_prefill_queries: int  # longest prefill chunk, 0 without prefills
-    max_prefill_keys: int
-    decode_tables: torch.Tensor  # [D, Wd]
-    decode_totals: torch.Tensor  # [D]
-    prefill_tables: torch.Tensor  # [P, Wp]
-    prefill_starts: torch.Tensor  # [P] first token of each chunk among the prefill tokens
-    prefill_contexts: torch.Tensor  # [P]
-    prefill_lengths: torch.Tensor  # [P]
-    prefill_outputs: torch.Tensor  # [T - D] each prefill token's row in the padded output
-    prefill_new_keys: torch.Tensor  # [T - D] each prefill token's place in the padded keys
-
-    TENSORS = (
-        "decode_tables",
-        "decode_totals",
-        "prefill_tables",
-        "prefill_starts",
-        "prefill_contexts",
-        "prefill_lengths",
-        "prefill_outputs",
-        "prefill_new_keys",
-    )
+    groups: tuple[GroupInputs, ...]
+    outputs: torch.Tensor  # [T] each token's row among the groups' padded query rows
+    new_keys: torch.Tensor  # [T] each token's place among the groups' padded key rows
 
     @classmethod
     def of(cls, chunks: Sequence[Chunk], block_size: int, null_block: int) -> AttentionInputs:
-        """Validate the packing (decodes first, back to back) and lay out the integers."""
-        num_decode = 0
-        while num_decode < len(chunks) and chunks[num_decode].length == 1:
-            num_decode += 1
-        if any(c.length == 1 for c in chunks[num_decode:]):
-            raise ValueError("decode chunks (length 1) must come before prefill chunks")
-        start = 0
+        """Validate the packing (decodes first, back to back), group and lay out the integers."""
+        _check_packing(chunks, block_size)
+        classes: dict[tuple[int, int], list[Chunk]] = {}
         for c in chunks:
-            if c.start != start:
-                raise ValueError("chunks must be packed back to back in order")
-            if len(c.blocks) * block_size < c.total:
-                raise ValueError(f"a chunk of {c.total} tokens has only {len(c.blocks)} blocks")
-            start += c.length
-        decodes, prefills = chunks[:num_decode], chunks[num_decode:]
-        lengths = torch.tensor([c.length for c in prefills], dtype=torch.long)
-        contexts = torch.tensor([c.context for c in prefills], dtype=torch.long)
-        longest = max((c.length for c in prefills), default=0)
-        keys = max((c.total for c in prefills), default=0)
-        starts = torch.tensor([c.start - num_decode for c in prefills], dtype=torch.long)
-        chunk = torch.arange(len(prefills)).repeat_interleave(lengths)  # per prefill token
-        offsets = torch.arange(int(lengths.sum())) - starts[chunk]
-        return cls(
-            block_size=block_size,
-            null_block=null_block,
-            max_decode_keys=max((c.total for c in decodes), default=0),
-            max_prefill_queries=longest,
-            max_prefill_keys=keys,
-            decode_tables=_padded_tables(decodes, null_block),
-            decode_totals=torch.tensor([c.total for c in decodes], dtype=torch.long),
-            prefill_tables=_padded_tables(prefills, null_block),
-            prefill_starts=starts,
-            prefill_contexts=contexts,
-            prefill_lengths=lengths,
-            prefill_outputs=chunk * longest + offsets,
-            prefill_new_keys=chunk * keys + contexts[chunk] + offsets,
-        )
+            key = (0, 0) if c.length == 1 else (_ceil_pow2(c.length), _ceil_pow2(c.total))
+            classes.setdefault(key, []).append(c)
+        total = sum(c.length for c in chunks)
+        outputs = torch.empty(total, dtype=torch.long)
+        new_keys = torch.empty(total, dtype=torch.long)
+        groups, query_base, key_base = [], 0, 0
+        for members in classes.values():
+            g = GroupInputs(
+                queries=max(c.length for c in members),
+                keys=max(c.total for c in members),
+                tables=_padded_tables(members, null_block),
+                totals=torch.tensor([c.total for c in members], dtype=torch.long),
+                starts=torch.tensor([c.start for c in members], dtype=torch.long),
+                lengths=torch.tensor([c.length for c in members], dtype=torch.long),
+            )
+            chunk = torch.arange(len(members)).repeat_interleave(g.lengths)  # per token
+            first = torch.cumsum(g.lengths, 0) - g.lengths
+            offset = torch.arange(chunk.shape[0]) - first[chunk]  # token's place in its chunk
+            token = g.starts[chunk] + offset
+            outputs[token] = query_base + chunk * g.queries + offset
+            context = (g.totals - g.lengths)[chunk]
+            new_keys[token] = key_base + chunk * g.keys + context + offset
+            groups.append(g)
+            query_base += len(members) * g.queries
+            key_base += len(members) * g.keys
+        return cls(block_size, null_block, tuple(groups), outputs, new_keys)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in self.TENSORS]
+        return [t for g in self.groups for t in g.tensors()] + [self.outputs, self.new_keys]
 
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> AttentionInputs:
         """The same inputs with its tensors replaced (by their device copies)."""
-        return replace(self, **dict(zip(self.TENSORS, tensors, strict=True)))
+        per_group = iter(tensors[:-2])
+        groups = tuple(
+            replace(g, tables=next(per_group), totals=next(per_group), starts=next(per_group),
+                    lengths=next(per_group))
+            for g in self.groups
+        )  # fmt: skip
+        return replace(self, groups=groups, outputs=tensors[-2], new_keys=tensors[-1])
+
+
+def _check_packing(chunks: Sequence[Chunk], block_size: int) -> None:
+    start, prefilling = 0, False
+    for c in chunks:
+        if c.length == 1 and prefilling:
+            raise ValueError("decode chunks (length 1) must come before prefill chunks")
+        prefilling = prefilling or c.length > 1
+        if c.start != start:
+            raise ValueError("chunks must be packed back to back in order")
+        if len(c.blocks) * block_size < c.total:
+            raise ValueError(f"a chunk of {c.total} tokens has only {len(c.blocks)} blocks")
+        start += c.length
+
+
+def _ceil_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _padded_tables(chunks: Sequence[Chunk], null_block: int) -> torch.Tensor:
@@ -178,18 +194,28 @@ def _padded_tables(chunks: Sequence[Chunk], null_block: int) -> torch.Tensor:
 
 @dataclass
 class PaddedGroup:
-    """Chunks attended in one call: queries padded to ``queries`` rows, keys to ``keys``.
+    """One attention call's chunks on the device: padded query rows, key rows and the mask.
 
     ``key_rows`` are pool rows (past a chunk's end: the null block's, zeros); ``visible`` says
     which key each query row sees. Padded query rows repeat the chunk's last query, so they see
     real keys and stay finite; their outputs are dropped.
     """
 
+    query_rows: torch.Tensor  # [C, Q] token rows
     key_rows: torch.Tensor  # [C, K]
-    visible: torch.Tensor  # [C, 1, Q · G, K] (decodes: [C, 1, 1, K], broadcast over G)
-    query_rows: torch.Tensor | None  # [C, Q] token rows (None for decodes: row c, Q = 1)
-    output_rows: torch.Tensor | None  # [n] row of each real query in the padded [C · Q]
+    visible: torch.Tensor  # [C, 1, Q · G, K] ([C, 1, 1, K] when Q = 1: broadcast over G)
     _bias: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def expand(cls, g: GroupInputs, inputs: AttentionInputs, group: int) -> PaddedGroup:
+        keys = _arange(g.keys, g.tables)
+        offset = torch.minimum(_arange(g.queries, g.tables), (g.lengths - 1)[:, None])  # [C, Q]
+        query_pos = (g.totals - g.lengths)[:, None] + offset
+        visible = keys[None, None, :] <= query_pos[:, :, None]  # [C, Q, K]: causal
+        rows = _pool_rows(inputs, g.tables, keys, keys[None, :] < g.totals[:, None])
+        if g.queries > 1:
+            visible = visible.repeat_interleave(group, dim=1)  # a key head's G query rows
+        return cls(g.starts[:, None] + offset, rows, visible[:, None])
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask (0 or -inf) in the queries' dtype, built once per step."""
@@ -201,16 +227,12 @@ class PaddedGroup:
 
 @dataclass
 class AttentionMetadata:
-    """Everything attention needs for one step, built once and shared by all layers.
+    """Everything attention needs for one step, built once and shared by all layers: one
+    attention call per group of chunks (:class:`AttentionInputs`), no loop over sequences."""
 
-    Two attention calls per layer whatever the batch: one for every decode, one for every
-    prefill chunk (padded to the longest), no Python loop over sequences.
-    """
-
-    slot_mapping: torch.Tensor  # [T]
-    num_decode: int
-    decode: PaddedGroup | None
-    prefill: PaddedGroup | None
+    slot_mapping: torch.Tensor  # [T] the pool row each new token's key and value go to
+    groups: tuple[PaddedGroup, ...]
+    outputs: torch.Tensor  # [T]
 
     @classmethod
     def build(
@@ -232,32 +254,11 @@ class AttentionMetadata:
 
     @classmethod
     def expand(cls, inputs: AttentionInputs, group: int) -> AttentionMetadata:
-        """Row indices and masks from the (device) inputs: a few tensor ops per step."""
-        decode = prefill = None
-        new_rows = []  # the pool row each new token is written to: where its key is read
-        num_decode = inputs.decode_totals.shape[0]
-        if num_decode:
-            keys = _arange(inputs.max_decode_keys, inputs.decode_tables)
-            visible = keys[None, :] < inputs.decode_totals[:, None]  # [D, K]
-            rows = _pool_rows(inputs, inputs.decode_tables, keys, visible)
-            decode = PaddedGroup(rows, visible[:, None, None, :], None, None)
-            last = inputs.decode_totals - 1
-            new_rows.append(rows.gather(1, last[:, None]).view(-1))
-        if inputs.prefill_lengths.shape[0]:
-            tables, lengths = inputs.prefill_tables, inputs.prefill_lengths
-            keys = _arange(inputs.max_prefill_keys, tables)
-            last = (lengths - 1)[:, None]
-            offset = torch.minimum(_arange(inputs.max_prefill_queries, tables), last)
-            query_pos = inputs.prefill_contexts[:, None] + offset  # [P, Q]
-            visible = keys[None, None, :] <= query_pos[:, :, None]  # [P, Q, K]: causal
-            totals = (inputs.prefill_contexts + lengths)[:, None]
-            rows = _pool_rows(inputs, tables, keys, keys[None, :] < totals)
-            visible = visible.repeat_interleave(group, dim=1)[:, None]  # [P, 1, Q · G, K]
-            query_rows = num_decode + inputs.prefill_starts[:, None] + offset
-            prefill = PaddedGroup(rows, visible, query_rows, inputs.prefill_outputs)
-            new_rows.append(rows.view(-1)[inputs.prefill_new_keys])
-        slot_mapping = torch.cat(new_rows) if len(new_rows) > 1 else new_rows[0]
-        return cls(slot_mapping, num_decode, decode, prefill)
+        """Row indices and masks from the (device) inputs: a few tensor ops per group."""
+        groups = tuple(PaddedGroup.expand(g, inputs, group) for g in inputs.groups)
+        rows = [g.key_rows.view(-1) for g in groups]
+        slot_mapping = (torch.cat(rows) if len(rows) > 1 else rows[0])[inputs.new_keys]
+        return cls(slot_mapping, groups, inputs.outputs)
 
 
 def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -289,22 +290,15 @@ def paged_attention(
     kv_heads = k.shape[1]
     group = q.shape[1] // kv_heads
     parts = []
-    if meta.decode is not None:
-        d = meta.num_decode
-        keys, values = _gather(k_pool, v_pool, meta.decode.key_rows)  # [D, Hkv, K, hd]
-        qd = q[:d].view(d, kv_heads, group, -1)  # [D, Hkv, G, hd]
-        o = F.scaled_dot_product_attention(qd, keys, values, meta.decode.bias(q.dtype), scale=scale)
-        parts.append(o.reshape(d, -1, q.shape[-1]))
-    if meta.prefill is not None:
-        p = meta.prefill
-        chunks, queries = p.query_rows.shape
-        keys, values = _gather(k_pool, v_pool, p.key_rows)  # [P, Hkv, K, hd]
-        qp = q[p.query_rows.view(-1)].view(chunks, queries, kv_heads, group, -1)
-        qp = qp.permute(0, 2, 1, 3, 4).reshape(chunks, kv_heads, queries * group, -1)
-        o = F.scaled_dot_product_attention(qp, keys, values, p.bias(q.dtype), scale=scale)
+    for g in meta.groups:
+        chunks, queries = g.query_rows.shape
+        keys, values = _gather(k_pool, v_pool, g.key_rows)  # [C, Hkv, K, hd]
+        qg = q[g.query_rows.view(-1)].view(chunks, queries, kv_heads, group, -1)
+        qg = qg.permute(0, 2, 1, 3, 4).reshape(chunks, kv_heads, queries * group, -1)
+        o = F.scaled_dot_product_attention(qg, keys, values, g.bias(q.dtype), scale=scale)
         o = o.view(chunks, kv_heads, queries, group, -1).permute(0, 2, 1, 3, 4)
-        parts.append(o.reshape(chunks * queries, *q.shape[1:]).index_select(0, p.output_rows))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        parts.append(o.reshape(chunks * queries, *q.shape[1:]))
+    return (torch.cat(parts) if len(parts) > 1 else parts[0]).index_select(0, meta.outputs)
 
 
 def _gather(
