@@ -56,6 +56,11 @@ class EngineConfig(BaseModel):
         "inductor's defaults; max: max-autotune). Compiled code is cached by inductor across "
         "restarts.",
     )
+    prepack_weights: bool = Field(
+        True,
+        description="bf16/fp16 on CPU: run linear layers on oneDNN-prepacked weights (1.2-2x "
+        "faster GEMMs; one more copy of each linear's weight). No effect elsewhere.",
+    )
     host_cache_bytes: int = Field(1 << 30, ge=0, description="Parsed adapters kept in memory.")
     adapter_cache_dir: pathlib.Path = Field(default_factory=default_cache_dir)
     load_workers: int = Field(2, ge=1, description="Threads fetching and parsing adapters.")

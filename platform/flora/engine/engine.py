@@ -44,6 +44,7 @@ from flora.model import (
     load_adapter_dir,
     load_model,
 )
+from flora.model.prepacked import prepack_linears
 from flora.model.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class LLMEngine:
             )
         for _, layer in model.adapted_layers():  # layers share one dispatcher
             layer.dispatcher.force = dict(config.adapter_paths)
+        self.prepacked_linears = prepack_linears(model, config.prepack_weights)
         self.compile_seconds = model.compile_feed_forward(config.compile)
         if self.compile_seconds:
             log.info(
@@ -128,7 +130,8 @@ class LLMEngine:
         self.counters = StepCounters()
         self._wake_callback: Callable[[], None] = lambda: None
         log.info(
-            "engine ready: %s on %s %s, %d KV blocks × %d tokens (%.0f MiB), %d adapter slots",
+            "engine ready: %s on %s %s, %d KV blocks × %d tokens (%.0f MiB), %d adapter slots, "
+            "%d linears on prepacked weights",
             f"{args.num_parameters() / 1e6:.1f}M-param GPTBigCode",
             self.device,
             str(self.dtype).removeprefix("torch."),
@@ -136,6 +139,7 @@ class LLMEngine:
             config.block_size,
             self.kv.nbytes / 2**20,
             config.adapter_slots if adapter_source else 0,
+            self.prepacked_linears,
         )
 
     @classmethod
