@@ -100,6 +100,7 @@ class GroupInputs:
     totals: torch.Tensor  # [C] context + length
     starts: torch.Tensor  # [C] row of each chunk's first token in the step
     lengths: torch.Tensor  # [C]
+    first_row: int | None = None  # decodes: their query rows are first_row … first_row + C - 1
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.tables, self.totals, self.starts, self.lengths]
@@ -142,6 +143,7 @@ class AttentionInputs:
                 totals=torch.tensor([c.total for c in members], dtype=torch.long),
                 starts=torch.tensor([c.start for c in members], dtype=torch.long),
                 lengths=torch.tensor([c.length for c in members], dtype=torch.long),
+                first_row=members[0].start if members[0].length == 1 else None,
             )
             chunk = torch.arange(len(members)).repeat_interleave(g.lengths)  # per token
             first = torch.cumsum(g.lengths, 0) - g.lengths
@@ -201,7 +203,7 @@ class PaddedGroup:
     real keys and stay finite; their outputs are dropped.
     """
 
-    query_rows: torch.Tensor  # [C, Q] token rows
+    query_rows: torch.Tensor | slice  # [C, Q] token rows (decodes: a slice of rows, Q = 1)
     key_rows: torch.Tensor  # [C, K]
     visible: torch.Tensor  # [C, 1, Q · G, K] ([C, 1, 1, K] when Q = 1: broadcast over G)
     _bias: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
@@ -215,7 +217,11 @@ class PaddedGroup:
         rows = _pool_rows(inputs, g.tables, keys, keys[None, :] < g.totals[:, None])
         if g.queries > 1:
             visible = visible.repeat_interleave(group, dim=1)  # a key head's G query rows
-        return cls(g.starts[:, None] + offset, rows, visible[:, None])
+        if g.first_row is not None:  # decodes, back to back: their queries are a plain slice
+            query_rows: torch.Tensor | slice = slice(g.first_row, g.first_row + len(g.totals))
+        else:
+            query_rows = g.starts[:, None] + offset
+        return cls(query_rows, rows, visible[:, None])
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask (0 or -inf) in the queries' dtype, built once per step."""
@@ -232,7 +238,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] the pool row each new token's key and value go to
     groups: tuple[PaddedGroup, ...]
-    outputs: torch.Tensor  # [T]
+    outputs: torch.Tensor | None  # [T]; None when the groups' rows are already token order
 
     @classmethod
     def build(
@@ -258,7 +264,8 @@ class AttentionMetadata:
         groups = tuple(PaddedGroup.expand(g, inputs, group) for g in inputs.groups)
         rows = [g.key_rows.view(-1) for g in groups]
         slot_mapping = (torch.cat(rows) if len(rows) > 1 else rows[0])[inputs.new_keys]
-        return cls(slot_mapping, groups, inputs.outputs)
+        in_order = len(groups) == 1 and isinstance(groups[0].query_rows, slice)  # decodes only
+        return cls(slot_mapping, groups, None if in_order else inputs.outputs)
 
 
 def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -291,14 +298,18 @@ def paged_attention(
     group = q.shape[1] // kv_heads
     parts = []
     for g in meta.groups:
-        chunks, queries = g.query_rows.shape
+        if isinstance(g.query_rows, slice):
+            chunks, queries, qg = g.key_rows.shape[0], 1, q[g.query_rows]
+        else:
+            (chunks, queries), qg = g.query_rows.shape, q[g.query_rows.view(-1)]
         keys, values = _gather(k_pool, v_pool, g.key_rows)  # [C, Hkv, K, hd]
-        qg = q[g.query_rows.view(-1)].view(chunks, queries, kv_heads, group, -1)
+        qg = qg.view(chunks, queries, kv_heads, group, -1)
         qg = qg.permute(0, 2, 1, 3, 4).reshape(chunks, kv_heads, queries * group, -1)
         o = F.scaled_dot_product_attention(qg, keys, values, g.bias(q.dtype), scale=scale)
         o = o.view(chunks, kv_heads, queries, group, -1).permute(0, 2, 1, 3, 4)
         parts.append(o.reshape(chunks * queries, *q.shape[1:]))
-    return (torch.cat(parts) if len(parts) > 1 else parts[0]).index_select(0, meta.outputs)
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return out if meta.outputs is None else out.index_select(0, meta.outputs)
 
 
 def _gather(
