@@ -22,6 +22,7 @@ import torch
 from flora.adapters.calibration import DEFAULT_CALIBRATION, Calibration, DeviceProfile, GemmCurve
 from flora.adapters.triton_kernels import triton_available
 from flora.adapters.weights import AdapterKind
+from flora.rounding import ceil_pow2
 
 
 class KernelPath(enum.StrEnum):
@@ -110,16 +111,12 @@ class Workload:
         return (
             self.in_features,
             self.out_features,
-            _pow2(self.tokens),
-            _pow2(self.adapters),
+            ceil_pow2(self.tokens),
+            ceil_pow2(self.adapters),
             self.max_rank,
-            _pow2(self.runs),
+            ceil_pow2(self.runs),
             0 if cached == 0 else 2 if cached == len(self.cached) else 1,
         )
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 class CostModel:

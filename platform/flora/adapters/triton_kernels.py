@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from flora.adapters.flora import _needs_grad, flora_vectorised
 from flora.adapters.lora import lora_gather
+from flora.rounding import ceil_pow2
 
 # Largest element-wise block: fewer, fatter programs (also what keeps the interpreter quick).
 MAX_BLOCK = 1024
@@ -63,7 +64,7 @@ def _kernels():
 
 
 def _block(n: int, cap: int = MAX_BLOCK) -> int:
-    return min(1 << max(n - 1, 0).bit_length(), cap)
+    return min(ceil_pow2(n), cap)
 
 
 def _cdiv(n: int, block: int) -> int:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from flora.model.transfer import to_device
+from flora.rounding import ceil_pow2
 
 
 class KVCache:
@@ -129,7 +130,7 @@ class AttentionInputs:
         _check_packing(chunks, block_size)
         classes: dict[tuple[int, int], list[Chunk]] = {}
         for c in chunks:
-            key = (0, 0) if c.length == 1 else (_ceil_pow2(c.length), _ceil_pow2(c.total))
+            key = (0, 0) if c.length == 1 else (ceil_pow2(c.length), ceil_pow2(c.total))
             classes.setdefault(key, []).append(c)
         total = sum(c.length for c in chunks)
         outputs = torch.empty(total, dtype=torch.long)
@@ -182,10 +183,6 @@ def _check_packing(chunks: Sequence[Chunk], block_size: int) -> None:
         if len(c.blocks) * block_size < c.total:
             raise ValueError(f"a chunk of {c.total} tokens has only {len(c.blocks)} blocks")
         start += c.length
-
-
-def _ceil_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _padded_tables(chunks: Sequence[Chunk], null_block: int) -> torch.Tensor:

@@ -16,8 +16,6 @@ import weakref
 import torch
 from torch import nn
 
-from flora.adapters import AdaptedLinear
-
 PACKED_DTYPES = (torch.bfloat16, torch.float16)
 # Rows the layout is tuned for (a decode step's batch); any row count runs.
 ROWS_HINT = 64
@@ -55,19 +53,13 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, _packed(self), self.bias, "none", [], "")
 
 
-def _plain_linears(model: nn.Module) -> list[nn.Linear]:
-    """Every ``nn.Linear`` the model calls as a module: the plain ones and adapted layers' bases
-    (which run as modules when a step has no adapters)."""
-    out = [m for m in model.modules() if type(m) is nn.Linear]
-    return out + [m.base for m in model.modules() if isinstance(m, AdaptedLinear)]
-
-
 @torch.no_grad()
 def prepack_linears(model: nn.Module, enabled: bool = True) -> int:
     """Pack (or, with ``enabled`` False, unpack) the model's linear layers where the device and
     dtype support it; returns how many run on packed weights (re-packed by themselves after an
     in-place change to their weight)."""
-    layers = list(dict.fromkeys(_plain_linears(model)))
+    # plain linears, and adapted layers' bases (submodules, run as modules in adapter-free steps)
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
     packed = 0
     for layer in layers:
         supported = prepacking_supported(layer.weight.device, layer.weight.dtype)
