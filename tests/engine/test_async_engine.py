@@ -108,7 +108,10 @@ def test_shutdown_answers_in_flight_requests(make_engine):
     async def main():
         engine = AsyncEngine(make_engine(adapters=False)).start()
         task = asyncio.create_task(collect(engine, Request(prompt_ids=[1, 2], params=greedy(150))))
-        await asyncio.sleep(0.05)
+        for _ in range(1000):  # shut down once the request is in flight, not before it arrives
+            if engine.engine.sequences:
+                break
+            await asyncio.sleep(0.005)
         await asyncio.to_thread(engine.shutdown)
         stream = await asyncio.wait_for(task, timeout=10)
         with pytest.raises(EngineStoppedError):
