@@ -143,11 +143,15 @@ class Bench:
             for name in self._names(m):
                 if name is None or name in made:
                     continue
-                layers = random_adapter_layers(self.args, m.kind, m.rank, gen)
-                layers = {k: _cast(w, self.model.dtype) for k, w in layers.items()}
-                save_adapter_dir(self.root / "adapters" / name, m.kind, layers)
+                self._write_adapter(self.root / "adapters" / name, m, gen)
                 made.add(name)
         self.progress(f"wrote {len(made)} adapters under {self.root / 'adapters'}")
+
+    def _write_adapter(self, path: Path, m: Method, gen: torch.Generator) -> None:
+        """A random adapter of ``m``'s kind and rank, in the model's dtype, saved at ``path``."""
+        layers = random_adapter_layers(self.args, m.kind, m.rank, gen)
+        layers = {k: _cast(w, self.model.dtype) for k, w in layers.items()}
+        save_adapter_dir(path, m.kind, layers)
 
     def model_dir(self) -> Path:
         """The model as an HF checkpoint (config.json + safetensors), written on first use, so
@@ -167,9 +171,7 @@ class Bench:
                 raise ValueError(f"{m.name} has no adapters")
             path = self.root / "adapters" / name
             if not (path / "adapter_config.json").is_file():
-                layers = random_adapter_layers(self.args, m.kind, m.rank, gen)
-                layers = {k: _cast(w, self.model.dtype) for k, w in layers.items()}
-                save_adapter_dir(path, m.kind, layers)
+                self._write_adapter(path, m, gen)
             dirs.append(path)
         return dirs
 
